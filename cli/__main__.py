@@ -1,0 +1,3 @@
+from mlserve.main import cli
+
+cli()

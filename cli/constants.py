@@ -1,0 +1,32 @@
+"""Names and defaults shared by the host side; label keys live here and nowhere else."""
+
+from __future__ import annotations
+
+LABEL_PREFIX = "io.mlserve"
+LABEL_HOME = f"{LABEL_PREFIX}.home"  # the MLSERVE_HOME that owns the object
+LABEL_JOB = f"{LABEL_PREFIX}.job"  # endpoint id of the serving job
+LABEL_NAME = f"{LABEL_PREFIX}.name"  # owner/projects/project/N
+LABEL_PROJECT = f"{LABEL_PREFIX}.project"  # owner/projects/project
+
+DEFAULT_WORKERS = 2
+DEFAULT_BODY_LIMIT_MB = 100
+DEFAULT_TIMEOUT_S = 60
+DEFAULT_GATEWAY_PORT = 8000
+DEFAULT_GATEWAY_HOST = "127.0.0.1"
+DEFAULT_LOG_FILE_MAX_BYTES = 1 << 30
+
+# Inside every instance.
+CONTAINER_UID = 65534
+INSTANCE_RUN_DIR = "/run/mlserve"  # per-job host dir (socket, uwsgi.ini, manifest) is mounted here
+INSTANCE_APP_DIR = "/app"
+INSTANCE_OUTPUT_DIR = "/output"
+INSTANCE_VENV = "/opt/mlserve/venv"
+SOCKET_NAME = "uwsgi.sock"
+UWSGI_INI_NAME = "uwsgi.ini"
+MANIFEST_NAME = "manifest.json"
+HEALTH_VAR = "MLSERVE_HEALTH"  # uwsgi var only the host's probe sets; nginx never forwards it
+
+ENDPOINT_ID_LENGTH = 22
+DEFAULT_ENV = "default"
+ENVIRONMENTS = {"default": "python:3.11-slim", "python-3.11": "python:3.11-slim"}
+LOCAL_BASE_IMAGE = "mlserve/base:bookworm"  # built by `mlserve setup` where nothing can be pulled

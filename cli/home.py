@@ -1,0 +1,42 @@
+"""Where mlserve keeps its state: everything lives under MLSERVE_HOME."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "Home":
+        root = Path(os.environ.get("MLSERVE_HOME") or Path.home() / ".mlserve").expanduser().absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    @property
+    def db(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "state.lock"
+
+    @property
+    def gateway_dir(self) -> Path:
+        return self.root / "gateway"
+
+    @property
+    def venvs_dir(self) -> Path:
+        return self.root / "venvs"
+
+    def run_dir(self, job_id: str) -> Path:
+        """Per-job dir shared with the instance: socket, uwsgi.ini, manifest (mounted at /run/mlserve)."""
+        return self.root / "run" / job_id
+
+    def output_dir(self, job_id: str) -> Path:
+        """Per-job writable dir, mounted at /output in the instance."""
+        return self.root / "output" / job_id

@@ -1,0 +1,299 @@
+"""The mlserve command line: each command parses options, builds one core object and calls it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlserve import __version__
+from mlserve.errors import MlserveError, UsageError
+from mlserve.jobs import JobService, JobView, RunRequest
+from mlserve.platform import RUNTIMES, Platform
+
+
+class MlserveGroup(click.Group):
+    """Turns every MlserveError into one message, an optional hint and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = "--debug" in sys.argv[1:]
+        try:
+            return super().invoke(ctx)
+        except MlserveError as exc:
+            if debug:
+                traceback.print_exc()
+            click.secho(f"Error: {exc.message}", err=True, fg="red")
+            if exc.hint:
+                click.echo(exc.hint, err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+def _say(quiet: bool) -> Any:
+    return (lambda message: click.echo(message, err=True)) if quiet else click.echo
+
+
+def _platform(quiet: bool = False) -> Platform:
+    return Platform(report=_say(quiet))
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group(cls=MlserveGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(__version__, prog_name="mlserve")
+def cli(debug: bool) -> None:
+    """Self-hosted serve mode: put a WSGI app behind an HTTP endpoint."""
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--template", default="flask", show_default=True, help="Scaffold to start from.")
+@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+def init(name: str | None, template: str, force: bool) -> None:
+    """Scaffold app.py, requirements.txt, mlserve.yml and .mlserveignore (in NAME/ or here)."""
+    from mlserve.scaffold import scaffold
+
+    target = Path(name) if name else Path.cwd()
+    for path in scaffold(target, name, template=template, force=force):
+        click.echo(f"created {path}")
+    click.echo(f"Next: cd {target} && mlserve run --mode serve" if name else "Next: mlserve run --mode serve")
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+def validate(directory: Path) -> None:
+    """Check the app in DIRECTORY without building anything."""
+    from mlserve.project import load_config
+    from mlserve.validate import validate_app
+
+    load_config(directory)
+    report = validate_app(directory)
+    click.echo(f"{report.path}: ok (global {report.kind} app)")
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--mode", default="serve", show_default=True, help="Only `serve` is supported.")
+@click.option("--env", help="Environment name (default: python 3.11) or any image reference with python3 and venv.")
+@click.option("--data", multiple=True, metavar="SRC:MOUNT", help="Mount a local folder read-only at /MOUNT (repeatable).")
+@click.option("--project", help="Project name (default: mlserve.yml's, else the folder's name).")
+@click.option("--workers", type=click.IntRange(1, 64), help="uWSGI worker processes (default 2).")
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Where instances run (default: docker when an engine answers).")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False), help="CA bundle pip trusts inside the build.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--follow", "-f", is_flag=True, help="Follow the job's logs after it starts.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, workers: int | None,
+        runtime: str | None, ca_bundle: str | None, as_json: bool, follow: bool, command: tuple[str, ...]) -> None:
+    """Validate app.py here, build an image and serve it behind a unique and a project endpoint."""
+    if mode != "serve":
+        raise UsageError(f"--mode {mode} is not supported", "mlserve serves apps: use `mlserve run --mode serve`.")
+    if command:
+        raise UsageError(
+            f"serve mode takes no command (got {' '.join(command)!r})",
+            "uWSGI runs the global `app` of app.py; remove the command.",
+        )
+    service = JobService(_platform(quiet=as_json))
+    deployment = service.run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle))
+    job = deployment.jobs[0]
+    if as_json:
+        _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],
+                    "project_endpoint": deployment.project_endpoint, "runtime": job.runtime, "build": deployment.build})
+    else:
+        click.echo(f"\nJOB NAME\n{'-' * 38}\n{job.name}\n")
+        click.echo(f"URL to service endpoint: {deployment.endpoints[job.id]}")
+        click.echo(f"URL to project endpoint: {deployment.project_endpoint}")
+        click.echo(f"\nTry: curl -F file=@<your file> {deployment.project_endpoint}")
+    if follow:
+        for line in service.logs(job, follow=True, tail=None):
+            click.echo(line)
+
+
+def _project_or_folder(service: JobService, project: str | None) -> str:
+    from mlserve.project import validate_project_name
+
+    return validate_project_name(project) if project else service.folder_project(Path.cwd())
+
+
+@cli.command()
+@click.argument("replicas", type=click.IntRange(0, 64), required=False)
+@click.option("--add", type=click.IntRange(1, 64), help="Add K serving jobs instead of setting the total.")
+@click.option("--project", help="Project to scale (default: this folder's).")
+def scale(replicas: int | None, add: int | None, project: str | None) -> None:
+    """Make the project have REPLICAS serving jobs (the newest job's image and settings are reused)."""
+    if (replicas is None) == (add is None):
+        raise UsageError("give either REPLICAS or --add K", "e.g. `mlserve scale 3` or `mlserve scale --add 1`.")
+    service = JobService(_platform())
+    name = _project_or_folder(service, project)
+    jobs = service.scale(service.platform.owner, name, replicas=replicas, add=add)
+    click.echo(f"{service.platform.owner}/projects/{name}: {len(jobs)} serving job(s)")
+    for job in jobs:
+        click.echo(f"  {job.name}  {service.endpoint(job)}")
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cli.command("status")
+@click.option("--all", "include_stopped", is_flag=True, help="Include stopped and failed jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def status(include_stopped: bool, as_json: bool) -> None:
+    """List serving jobs with what really runs (alias: ps)."""
+    service = JobService(_platform(quiet=as_json))
+    views, orphans = service.status(include_stopped)
+    if as_json:
+        _emit_json([v.as_dict() for v in views])
+        return
+    now = time.time()
+    rows = [
+        [v.job.name, _ago(now - v.job.created_at) + " ago", v.status, "healthy" if v.healthy else "-", _ago(v.uptime), v.endpoint]
+        for v in views
+    ]
+    _table(rows, ["JOB NAME", "CREATED", "STATUS", "HEALTH", "UPTIME", "ENDPOINT"])
+    for orphan in orphans:
+        click.echo(f"drift: container {orphan.handle[:12]} (job id {orphan.job_id}) has no job in the state; "
+                   "`mlserve stop --all` removes it", err=True)
+
+
+cli.add_command(status, "ps")
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(job: str, as_json: bool) -> None:
+    """Show one job: state, endpoints, settings, and the body limit and timeout in force."""
+    service = JobService(_platform(quiet=as_json))
+    record = service.resolve(job)
+    views, _ = service.status(include_stopped=True)
+    view = next(v for v in views if v.job.id == record.id)
+    gateway = service.platform.gateway.settings
+    data = view.as_dict()
+    data.update(
+        project_endpoint=service.project_endpoint(record.owner, record.project),
+        workers=record.settings.get("workers"),
+        data=record.settings.get("data"),
+        limits={
+            "gateway": {"body_limit_mb": gateway.body_limit_mb, "timeout_s": gateway.timeout_s},
+            "uwsgi": {"body_limit_mb": record.settings.get("body_limit_mb"), "timeout_s": record.settings.get("timeout_s")},
+        },
+    )
+    if as_json:
+        _emit_json(data)
+        return
+    for key in ("job", "id", "state", "healthy", "runtime", "image", "workers", "endpoint", "project_endpoint", "restarts", "reason"):
+        click.echo(f"{key + ':':18}{data[key]}")
+    click.echo(f"{'uptime:':18}{_ago(view.uptime)}")
+    for mount in data["data"] or []:
+        click.echo(f"{'data:':18}{mount['source']} -> {mount['mount']} (read-only)")
+    limits = data["limits"]
+    click.echo(f"{'body limit:':18}gateway {limits['gateway']['body_limit_mb']} MB, uwsgi {limits['uwsgi']['body_limit_mb']} MB")
+    click.echo(f"{'timeout:':18}gateway {limits['gateway']['timeout_s']} s, uwsgi {limits['uwsgi']['timeout_s']} s")
+    if limits["gateway"] != limits["uwsgi"]:
+        click.echo("note: the gateway's limits changed after this job started; restart it to apply them.")
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
+@click.option("--tail", type=click.IntRange(1), help="Only the last N lines.")
+def logs(job: str, follow: bool, tail: int | None) -> None:
+    """Print a job's logs."""
+    service = JobService(_platform())
+    for line in service.logs(service.resolve(job), follow=follow, tail=tail):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("jobs", nargs=-1)
+@click.option("--project", help="Stop every job of this project.")
+@click.option("--all", "stop_all", is_flag=True, help="Stop every job.")
+def stop(jobs: tuple[str, ...], project: str | None, stop_all: bool) -> None:
+    """Stop jobs gracefully: they leave the rotation, in-flight requests finish."""
+    if sum(map(bool, (jobs, project, stop_all))) != 1:
+        raise UsageError("name jobs, or --project P, or --all", "e.g. `mlserve stop 5` or `mlserve stop --project style-transfer`.")
+    service = JobService(_platform())
+    state = service.state
+    if stop_all:
+        targets = state.jobs(active_only=True)
+    elif project:
+        name = _project_or_folder(service, project)
+        targets = state.jobs(active_only=True, owner=service.platform.owner, project=name)
+    else:
+        targets = [service.resolve(ref) for ref in jobs]
+    stopped = service.stop(targets)
+    if stop_all:
+        service.remove_orphans()
+    if not stopped:
+        click.echo("Nothing to stop: no such job is running.")
+
+
+@cli.group()
+def gateway() -> None:
+    """Manage the nginx gateway."""
+
+
+@gateway.command("start")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port to listen on (default 8000).")
+@click.option("--body-limit", type=click.IntRange(1), help="Largest request body in MB (default 100).")
+@click.option("--timeout", type=click.IntRange(1), help="Request timeout in seconds (default 60).")
+def gateway_start(port: int | None, body_limit: int | None, timeout: int | None) -> None:
+    """Start (or reconfigure) the gateway, with routes from the state."""
+    platform = _platform()
+    for key, value in (("gateway.port", port), ("gateway.body_limit_mb", body_limit), ("gateway.timeout_s", timeout)):
+        if value is not None:
+            platform.state.set_setting(key, str(value))
+    service = JobService(platform)
+    with platform.state.lock():
+        service.apply_routes()
+    click.echo(f"Gateway listening on {platform.gateway.url}")
+
+
+@gateway.command("stop")
+def gateway_stop() -> None:
+    """Stop the gateway (jobs keep running; endpoints stop answering)."""
+    platform = _platform()
+    platform.gateway.stop()
+    click.echo("Gateway stopped.")
+
+
+@gateway.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def gateway_status(as_json: bool) -> None:
+    """Show whether the gateway runs, where, and how many routes it has."""
+    status_ = _platform().gateway.status()
+    data = {"running": status_.running, "pid": status_.pid, "url": status_.url, "config": str(status_.config), "routes": status_.routes}
+    if as_json:
+        _emit_json(data)
+    else:
+        click.echo(f"gateway: {'running' if status_.running else 'stopped'} (pid {status_.pid}) at {status_.url}, {status_.routes} route(s)")
+
+
+@cli.command()
+def setup() -> None:
+    """Install and start what mlserve needs on this machine (Debian, as root): nginx, Docker, a base image."""
+    from mlserve.host import setup as host_setup
+
+    host_setup(click.echo)

@@ -1,0 +1,156 @@
+"""Instances as uwsgi processes on the host, in a per-project virtual environment (no Docker)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlserve_runtime
+from mlserve.builder import runtime_packages
+from mlserve.errors import BuildError
+from mlserve.home import Home
+from mlserve.project import context_files
+from mlserve.runtimes import InstanceSpec, InstanceState, write_uwsgi_ini
+
+LOG_NAME = "instance.log"
+TAIL_LINES = 25
+
+
+def _runtime_pythonpath() -> str:
+    # The host's own mlserve_runtime package, so local instances run the same code as containers.
+    return str(Path(mlserve_runtime.__file__).resolve().parent.parent)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-TAIL_LINES:])
+        raise BuildError(f"{what} failed", tail)
+
+
+class LocalBuilder:
+    """Prepares a venv (runtime + requirements) and an immutable snapshot of the app code."""
+
+    def __init__(self, home: Home, report: Callable[[str], None]) -> None:
+        self.home = home
+        self.report = report
+
+    def prepare(self, project_dir: Path, slug: str, requirements: str | None) -> tuple[str, str]:
+        """Return (app snapshot dir, venv dir); raises BuildError with pip's or the import check's tail."""
+        req_text = (project_dir / requirements).read_bytes() if requirements else b""
+        req_hash = hashlib.sha256(req_text + " ".join(runtime_packages()).encode()).hexdigest()[:12]
+        venv = self.home.venvs_dir / f"{slug}-{req_hash}"
+        if not (venv / ".ready").exists():
+            self.report(f"Creating virtual environment {venv} ...")
+            shutil.rmtree(venv, ignore_errors=True)
+            try:
+                _run([sys.executable, "-m", "venv", str(venv)], "creating the virtual environment")
+                pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+                _run(pip + runtime_packages(), "installing uwsgi into the virtual environment")
+                if requirements:
+                    _run(pip + ["-r", str(project_dir / requirements)], f"pip install -r {requirements}")
+            except BaseException:
+                shutil.rmtree(venv, ignore_errors=True)
+                raise
+            (venv / ".ready").touch()
+        files = context_files(project_dir)
+        digest = hashlib.sha256()
+        for path, rel in files:
+            digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+        snapshot = self.home.root / "apps" / f"{slug}-{digest.hexdigest()[:12]}"
+        if not snapshot.exists():
+            staging = snapshot.with_name(snapshot.name + f".tmp{os.getpid()}")
+            for path, rel in files:
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+            env = {**os.environ, "PYTHONPATH": _runtime_pythonpath(), "PYTHONDONTWRITEBYTECODE": "1"}
+            check = subprocess.run(
+                [str(venv / "bin" / "python"), "-m", "mlserve_runtime.check", str(staging)],
+                capture_output=True, text=True, env=env, cwd=staging,
+            )
+            if check.returncode != 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise BuildError("app.py failed the import check", (check.stdout + check.stderr).strip())
+            staging.rename(snapshot)
+        return str(snapshot), str(venv)
+
+
+def _alive(pid: int, ini: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(ini).encode() in cmdline
+
+
+class LocalRuntime:
+    name = "local"
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+
+    def start(self, spec: InstanceSpec) -> str:
+        assert spec.venv, "local instances need a venv"
+        ini = write_uwsgi_ini(spec, socket=str(spec.socket), app_dir=spec.image, venv=spec.venv)
+        env = {**os.environ, **spec.env, "PYTHONPATH": _runtime_pythonpath(), "PYTHONDONTWRITEBYTECODE": "1"}
+        with open(spec.run_dir / LOG_NAME, "ab") as log:
+            process = subprocess.Popen(
+                [f"{spec.venv}/bin/uwsgi", "--ini", str(ini)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=spec.image, start_new_session=True,
+            )
+        return str(process.pid)
+
+    def _ini(self, job_id: str) -> Path:
+        return self.home.run_dir(job_id) / "uwsgi.ini"
+
+    def stop(self, job_id: str, handle: str | None, timeout: int) -> None:
+        if not handle or not _alive(int(handle), self._ini(job_id)):
+            return
+        pid = int(handle)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid, self._ini(job_id)):
+            time.sleep(0.1)
+            _reap(pid)
+        if _alive(pid, self._ini(job_id)):
+            os.killpg(pid, signal.SIGKILL)
+        _reap(pid)
+
+    def inspect(self, job_id: str, handle: str | None) -> InstanceState:
+        running = bool(handle) and _alive(int(handle), self._ini(job_id))  # type: ignore[arg-type]
+        return InstanceState(job_id, handle or "", running, "running" if running else "gone (process exited)")
+
+    def instances(self) -> list[InstanceState]:
+        return []  # local instances are found through their job's pid; no labels to search
+
+    def logs(self, job_id: str, handle: str | None, follow: bool, tail: int | None) -> Iterator[str]:
+        path = self.home.run_dir(job_id) / LOG_NAME
+        if not path.exists():
+            return
+        with open(path, "r", errors="replace") as handle_:
+            lines = handle_.readlines()
+            for line in lines[-tail:] if tail else lines:
+                yield line.rstrip("\n")
+            while follow:
+                line = handle_.readline()
+                if line:
+                    yield line.rstrip("\n")
+                else:
+                    time.sleep(0.2)
+
+
+def _reap(pid: int) -> None:
+    # Our own child when started by this process (tests); otherwise init reaps it.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
