@@ -1,0 +1,27 @@
+# The project's own set-up. README shows two commands: `make demo` and `make test`.
+# On a fresh Debian 12 machine as root these install mlserve and everything it needs.
+
+PYTHON ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+.PHONY: install setup demo test bench
+
+install:
+	$(PYTHON) -m pip install -e '.[test]'
+
+setup: install
+	$(PYTHON) -m mlserve setup
+
+demo: setup
+	@echo '+ cd examples/hello && mlserve run --mode serve'
+	@log=$$(mktemp); trap 'rm -f "$$log"' EXIT; \
+	  (cd examples/hello && $(PYTHON) -m mlserve run --mode serve) | tee "$$log"; \
+	  url=$$(sed -n 's/^URL to project endpoint: //p' "$$log"); \
+	  echo; echo "Try it:  curl -F file=@README.md $$url"
+
+test: setup
+	$(PYTHON) -m pytest -ra tests
+
+bench: setup
+	$(PYTHON) bench/run.py

@@ -1,0 +1,197 @@
+"""Bad input: a clear message, a non-zero exit, nothing left behind, and the running job undisturbed."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import make_mlserve, teardown_mlserve
+
+pytestmark = pytest.mark.integration
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="module")
+def running(mlserve_module, tmp_path_factory):
+    """One healthy job that every bad command must leave alone."""
+    project = tmp_path_factory.mktemp("p") / "probe"
+    shutil.copytree(APPS / "probe", project)
+    out = mlserve_module.json("run", "--mode", "serve", cwd=project)
+    return mlserve_module, out
+
+
+def _containers(client, home: Path) -> list:
+    return client.containers.list(all=True, filters={"label": f"io.mlserve.home={home}"})
+
+
+def assert_nothing_left(ms, out, client) -> None:
+    jobs = ms.json("status", "--all")
+    assert [j["job"] for j in jobs] == [out["job"]], jobs
+    assert len(_containers(client, ms.home)) == 1
+    assert requests.get(out["endpoint"], timeout=10).status_code == 200
+    conf = (ms.home / "gateway" / "nginx.conf").read_text()
+    assert conf.count("unix:") == 2  # the running job, in its own and its project's upstream
+
+
+def _project(tmp_path: Path, app_py: str | None, requirements: str | None = None) -> Path:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    if app_py is not None:
+        (folder / "app.py").write_text(app_py)
+    if requirements is not None:
+        (folder / "requirements.txt").write_text(requirements)
+    return folder
+
+
+WSGI = "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n"
+
+
+@pytest.mark.parametrize(
+    "app_py, expected",
+    [
+        (None, "no app.py"),
+        ("x = 1\ndef broken(:\n    pass\n", "app.py:2"),
+        ("application = 1\n", "global named app"),
+        ("app = 3\n", "not callable"),
+        ("if __name__ == '__main__':\n    from flask import Flask\n    app = Flask(__name__)\n", "__main__"),
+    ],
+    ids=["missing", "syntax", "no-app", "not-callable", "main-only"],
+)
+def test_static_app_errors(running, docker_client, tmp_path, app_py, expected):
+    ms, out = running
+    result = ms("run", "--mode", "serve", cwd=_project(tmp_path, app_py), check=False)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_left(ms, out, docker_client)
+
+
+def test_import_error_inside_the_image_fails_the_build_with_the_traceback_tail(running, docker_client, tmp_path):
+    ms, out = running
+    folder = _project(tmp_path, "import not_a_module_xyz\n" + WSGI)
+    result = ms("run", "--mode", "serve", "--project", "bad", cwd=folder, check=False)
+    assert result.returncode != 0
+    assert "No module named 'not_a_module_xyz'" in result.stderr
+    assert_nothing_left(ms, out, docker_client)
+    assert not docker_client.images.list(name="mlserve/tester-bad")
+
+
+def test_unknown_requirement_shows_pips_error(running, docker_client, tmp_path):
+    ms, out = running
+    folder = _project(tmp_path, WSGI, "mlserve-no-such-package-xyz==1.0\n")
+    result = ms("run", "--mode", "serve", cwd=folder, check=False)
+    assert result.returncode != 0
+    assert "mlserve-no-such-package-xyz" in result.stderr
+    assert "No matching distribution" in result.stderr
+    assert_nothing_left(ms, out, docker_client)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data", "./no-such-dir:input"], "does not exist"),
+        (["--project", "../x"], "project name"),
+        (["--project", "My Project"], "project name"),
+        (["--project", "ml\u0455erve"], "project name"),  # a Cyrillic look-alike
+        (["--mode", "job"], "--mode job is not supported"),
+        (["python", "train.py"], "takes no command"),
+    ],
+    ids=["data-missing", "dotdot", "spaces", "lookalike", "mode-job", "command"],
+)
+def test_bad_run_options(running, docker_client, tmp_path, args, expected):
+    ms, out = running
+    folder = _project(tmp_path, WSGI)
+    result = ms("run", "--mode", "serve", *args, cwd=folder, check=False) if args[0] != "--mode" else ms(
+        "run", *args, cwd=folder, check=False
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert_nothing_left(ms, out, docker_client)
+
+
+@pytest.mark.parametrize("command", [["stop", "99"], ["logs", "nope/3"], ["info", "Z" * 22], ["stop", "a/b/c"]])
+def test_job_reference_that_matches_nothing(running, docker_client, tmp_path, command):
+    ms, out = running
+    result = ms(*command, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "no job" in result.stderr
+    assert_nothing_left(ms, out, docker_client)
+
+
+def test_engine_not_reachable(running, docker_client, tmp_path):
+    ms, out = running
+    folder = _project(tmp_path, WSGI)
+    result = ms("run", "--mode", "serve", "--runtime", "docker", cwd=folder, check=False,
+                env={"DOCKER_HOST": "unix:///tmp/no-engine-here.sock"})
+    assert result.returncode != 0
+    assert "DOCKER_HOST=unix:///tmp/no-engine-here.sock" in result.stderr
+    assert "dockerd" in result.stderr
+    assert_nothing_left(ms, out, docker_client)
+
+
+def test_nginx_not_installed(running, docker_client, tmp_path):
+    ms, out = running
+    fresh = make_mlserve()
+    try:
+        result = fresh("run", "--mode", "serve", "--runtime", "docker", cwd=_project(tmp_path, WSGI), check=False,
+                       env={"MLSERVE_NGINX": "/nonexistent/nginx"})
+        assert result.returncode != 0
+        assert "apt-get install -y nginx-light" in result.stderr
+        assert fresh.json("status", "--all") == []
+        assert not _containers(docker_client, fresh.home)
+    finally:
+        teardown_mlserve(fresh, docker_client)
+    assert_nothing_left(ms, out, docker_client)
+
+
+def test_gateway_port_in_use(docker_client, nginx_available, tmp_path):
+    fresh = make_mlserve()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", fresh.port))
+    blocker.listen()
+    try:
+        result = fresh("run", "--mode", "serve", cwd=_project(tmp_path, WSGI), check=False)
+        assert result.returncode != 0
+        assert str(fresh.port) in result.stderr and "MLSERVE_GATEWAY_PORT" in result.stderr
+        assert fresh.json("status", "--all") == []
+        assert not _containers(docker_client, fresh.home)
+    finally:
+        blocker.close()
+        teardown_mlserve(fresh, docker_client)
+
+
+def test_ctrl_c_during_build_leaves_nothing(running, docker_client, tmp_path):
+    ms, out = running
+    # The import check sleeps, so the build is surely running when Ctrl-C comes.
+    folder = _project(tmp_path, "import time\ntime.sleep(60)\n" + WSGI)
+    before = {c.id for c in docker_client.containers.list(all=True)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlserve", "run", "--mode", "serve", "--project", "slowbuild"],
+        cwd=folder, env=ms.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        # The check step's container appears once the build reaches it.
+        if {c.id for c in docker_client.containers.list(all=True)} - before:
+            break
+        time.sleep(0.2)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted" in stderr.lower()
+    deadline = time.monotonic() + 30
+    while {c.id for c in docker_client.containers.list(all=True)} - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ({c.id for c in docker_client.containers.list(all=True)} - before)
+    assert not docker_client.images.list(name="mlserve/tester-slowbuild")
+    assert_nothing_left(ms, out, docker_client)
