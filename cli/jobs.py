@@ -22,6 +22,7 @@ from mlserve.constants import (
     INSTANCE_OUTPUT_DIR,
     INSTANCE_RUN_DIR,
     MANIFEST_NAME,
+    SOCKET_NAME,
 )
 from mlserve.errors import EngineUnavailableError, JobNotFoundError, JobStartError, UsageError
 from mlserve.gateway import Route
@@ -234,7 +235,7 @@ class JobService:
         pending = list(jobs)
         while pending:
             job = pending[0]
-            socket = str(self.platform.home.run_dir(job.id) / "uwsgi.sock")
+            socket = str(self.platform.home.run_dir(job.id) / SOCKET_NAME)
             result = wait_healthy(
                 socket, min(deadline, time.monotonic() + 1.0),
             )
@@ -260,8 +261,10 @@ class JobService:
     # routes -----------------------------------------------------------------
 
     def routes(self) -> list[Route]:
+        """Active jobs as the gateway routes them: only healthy running ones take traffic."""
         return [
-            Route(job.id, job.project_key, str(self.platform.home.run_dir(job.id) / "uwsgi.sock"), job.healthy)
+            Route(job.id, job.name, job.project_key, str(self.platform.home.run_dir(job.id) / SOCKET_NAME),
+                  job.healthy and job.state == "running", job.reason or job.state)
             for job in self.state.jobs(active_only=True)
             if job.state != "stopping"
         ]
@@ -270,7 +273,7 @@ class JobService:
         """Render the gateway from the state; starts it when ``start`` and it is not running."""
         gateway = self.platform.gateway
         if start or gateway.is_running():
-            gateway.apply(self.routes())
+            gateway.apply(self.routes(), self.state.projects())
 
     # scale and stop -----------------------------------------------------------
 

@@ -200,6 +200,11 @@ class StateStore:
         rows = self._conn.execute(f"SELECT * FROM jobs {where} ORDER BY created_at, number", params)
         return [_row_to_job(row) for row in rows]
 
+    def projects(self) -> list[str]:
+        """Every project with a job on record (running or not), as owner/projects/project."""
+        rows = self._conn.execute("SELECT DISTINCT owner, project FROM jobs ORDER BY owner, project")
+        return [f"{owner}/projects/{project}" for owner, project in rows]
+
     # settings -------------------------------------------------------------
 
     def get_setting(self, key: str, default: str | None = None) -> str | None:
