@@ -131,7 +131,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) 
     tar.addfile(info, io.BytesIO(data))
 
 
-def _runtime_sources() -> Iterable[tuple[str, bytes]]:
+def runtime_sources() -> Iterable[tuple[str, bytes]]:
     root = resources.files("mlserve_runtime")
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".py"):
@@ -167,7 +167,7 @@ class ImageBuilder:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             _add_bytes(tar, ".mlserve/Dockerfile", dockerfile.encode())
-            for name, data in _runtime_sources():
+            for name, data in runtime_sources():
                 _add_bytes(tar, f".mlserve/runtime/{name}", data)
             if ca_bundle:
                 _add_bytes(tar, ".mlserve/ca.crt", ca_bundle.read_bytes())
@@ -219,7 +219,8 @@ class ImageBuilder:
                         )
                     text = chunk.get("stream", "")
                     for line in text.splitlines():
-                        if re.match(r"^Step \d+/\d+ :", line):
+                        # FROM is a step that is never "Using cache"; it is not rebuilt either.
+                        if re.match(r"^Step \d+/\d+ : (?!FROM )", line):
                             steps += 1
                         elif "Using cache" in line:
                             cached += 1

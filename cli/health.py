@@ -38,7 +38,7 @@ def probe(socket_path: str, timeout: float = 3.0, script_name: str = "") -> Prob
             "REQUEST_METHOD": "GET",
             "SCRIPT_NAME": script_name,
             "PATH_INFO": "/",
-            "REQUEST_URI": f"{script_name}/",
+            "REQUEST_URI": "/_mlserve/health",
             "QUERY_STRING": "",
             "SERVER_NAME": "mlserve-probe",
             "SERVER_PORT": "0",

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import mlserve_runtime
-from mlserve.builder import runtime_packages
+from mlserve.builder import runtime_packages, runtime_sources
 from mlserve.errors import BuildError
 from mlserve.home import Home
 from mlserve.project import context_files
@@ -23,9 +22,16 @@ LOG_NAME = "instance.log"
 TAIL_LINES = 25
 
 
-def _runtime_pythonpath() -> str:
-    # The host's own mlserve_runtime package, so local instances run the same code as containers.
-    return str(Path(mlserve_runtime.__file__).resolve().parent.parent)
+def _install_runtime(venv: Path) -> None:
+    """Copy mlserve_runtime into the venv, as the image build does, so both run the same code."""
+    purelib = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    target = Path(purelib) / "mlserve_runtime"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in runtime_sources():
+        (target / name).write_bytes(data)
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -45,7 +51,8 @@ class LocalBuilder:
     def prepare(self, project_dir: Path, slug: str, requirements: str | None) -> tuple[str, str]:
         """Return (app snapshot dir, venv dir); raises BuildError with pip's or the import check's tail."""
         req_text = (project_dir / requirements).read_bytes() if requirements else b""
-        req_hash = hashlib.sha256(req_text + " ".join(runtime_packages()).encode()).hexdigest()[:12]
+        runtime = b"".join(name.encode() + data for name, data in runtime_sources())
+        req_hash = hashlib.sha256(req_text + " ".join(runtime_packages()).encode() + runtime).hexdigest()[:12]
         venv = self.home.venvs_dir / f"{slug}-{req_hash}"
         if not (venv / ".ready").exists():
             self.report(f"Creating virtual environment {venv} ...")
@@ -56,6 +63,7 @@ class LocalBuilder:
                 _run(pip + runtime_packages(), "installing uwsgi into the virtual environment")
                 if requirements:
                     _run(pip + ["-r", str(project_dir / requirements)], f"pip install -r {requirements}")
+                _install_runtime(venv)
             except BaseException:
                 shutil.rmtree(venv, ignore_errors=True)
                 raise
@@ -71,7 +79,7 @@ class LocalBuilder:
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
-            env = {**os.environ, "PYTHONPATH": _runtime_pythonpath(), "PYTHONDONTWRITEBYTECODE": "1"}
+            env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
             check = subprocess.run(
                 [str(venv / "bin" / "python"), "-m", "mlserve_runtime.check", str(staging)],
                 capture_output=True, text=True, env=env, cwd=staging,
@@ -100,7 +108,7 @@ class LocalRuntime:
     def start(self, spec: InstanceSpec) -> str:
         assert spec.venv, "local instances need a venv"
         ini = write_uwsgi_ini(spec, socket=str(spec.socket), app_dir=spec.image, venv=spec.venv)
-        env = {**os.environ, **spec.env, "PYTHONPATH": _runtime_pythonpath(), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, **spec.env, "PYTHONDONTWRITEBYTECODE": "1"}
         with open(spec.run_dir / LOG_NAME, "ab") as log:
             process = subprocess.Popen(
                 [f"{spec.venv}/bin/uwsgi", "--ini", str(ini)],
