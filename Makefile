@@ -20,8 +20,16 @@ demo: setup
 	  url=$$(sed -n 's/^URL to project endpoint: //p' "$$log"); \
 	  echo; echo "Try it:  curl -F file=@README.md $$url"
 
-test: setup
+# The browser test drives Debian's chromium through chromium-driver (Selenium).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+
+test: setup $(BROWSER)
 	$(PYTHON) -m pytest -ra tests
+
+$(BROWSER) &:
+	DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=300
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 \
+	  chromium chromium-driver
 
 bench: setup
 	$(PYTHON) bench/run.py
