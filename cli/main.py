@@ -57,7 +57,8 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.argument("name", required=False)
-@click.option("--template", default="flask", show_default=True, help="Scaffold to start from.")
+@click.option("--template", type=click.Choice(["flask", "wsgi", "fastapi", "website"]), default="flask",
+              show_default=True, help="Flask app, plain WSGI function, FastAPI (ASGI) app, or Flask website with an upload form.")
 @click.option("--force", is_flag=True, help="Overwrite files that exist.")
 def init(name: str | None, template: str, force: bool) -> None:
     """Scaffold app.py, requirements.txt, mlserve.yml and .mlserveignore (in NAME/ or here)."""
@@ -78,7 +79,7 @@ def validate(directory: Path) -> None:
 
     load_config(directory)
     report = validate_app(directory)
-    click.echo(f"{report.path}: ok (global {report.kind} app)")
+    click.echo(f"{report.path}: {report.summary()}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
