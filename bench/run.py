@@ -84,7 +84,7 @@ def direct_uwsgi_rps(app_dir: Path) -> float:
     port = free_port()
     process = subprocess.Popen(
         ["uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master", "--processes", "2",
-         "--wsgi-file", str(app_dir / "app.py"), "--disable-logging"],
+         "--wsgi-file", str(app_dir / "app.py"), "--disable-logging", "--die-on-term"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -30,3 +30,13 @@ ENDPOINT_ID_LENGTH = 22
 DEFAULT_ENV = "default"
 ENVIRONMENTS = {"default": "python:3.11-slim", "python-3.11": "python:3.11-slim"}
 LOCAL_BASE_IMAGE = "mlserve/base:bookworm"  # built by `mlserve setup` where nothing can be pulled
+
+# Self-healing: the supervisor's defaults (mlserve.yml `health:` overrides them per project).
+HEALTH_INTERVAL_S = 2.0  # between checks of one instance
+HEALTH_TIMEOUT_S = 2.0  # a check slower than this fails
+HEALTH_FAILURES = 2  # consecutive failed checks take a job out of the rotation
+RESTART_AFTER_FAILURES = 5  # ... and this many restart it
+MAX_RESTART_STREAK = 5  # restarts without a healthy spell in between before a job is `failed`
+HEALTHY_SPELL_S = 30.0  # healthy this long, and a job's restart streak is forgotten
+DEFAULT_MAX_RUNTIME_S = 7 * 24 * 3600
+DRAIN_GRACE_S = 0.5  # after leaving the rotation, before SIGTERM: requests on their way still land

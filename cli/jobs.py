@@ -21,6 +21,8 @@ from mlserve.constants import (
     INSTANCE_APP_DIR,
     INSTANCE_OUTPUT_DIR,
     INSTANCE_RUN_DIR,
+    DEFAULT_MAX_RUNTIME_S,
+    DRAIN_GRACE_S,
     MANIFEST_NAME,
     SOCKET_NAME,
 )
@@ -28,7 +30,13 @@ from mlserve.errors import EngineUnavailableError, JobNotFoundError, JobStartErr
 from mlserve.gateway import Route
 from mlserve.health import wait_healthy
 from mlserve.platform import Platform
-from mlserve.project import default_project_name, load_config, parse_data_mount, validate_project_name
+from mlserve.project import (
+    default_project_name,
+    load_config,
+    parse_data_mount,
+    parse_duration,
+    validate_project_name,
+)
 from mlserve.runtimes import DataMount, InstanceSpec, InstanceState
 from mlserve.runtimes.local import LocalBuilder
 from mlserve.state import Job
@@ -53,6 +61,7 @@ class RunRequest:
     workers: int | None = None
     runtime: str | None = None
     ca_bundle: str | None = None
+    max_runtime: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,9 @@ class JobService:
             "limits": dict(config.limits or {}),
             "health": dict(config.health or {}),
             "options": dict(config.options or {}),
+            "max_runtime_s": parse_duration(
+                request.max_runtime if request.max_runtime is not None else config.max_runtime, DEFAULT_MAX_RUNTIME_S
+            ),
         }
         with self.state.lock():
             jobs = self._start(owner, project, settings, count=1)
@@ -158,7 +170,7 @@ class JobService:
                 self.state.add_job(job)
                 jobs.append(job)
                 self.report(f"Starting {job.name} ...")
-                job.handle = runtime.start(self._spec(job))
+                job.handle = runtime.start(self.spec(job))
                 self.state.update_job(job.id, handle=job.handle)
             self._wait_healthy(jobs)
             now = time.time()
@@ -174,7 +186,8 @@ class JobService:
             raise
         return jobs
 
-    def _spec(self, job: Job) -> InstanceSpec:
+    def spec(self, job: Job) -> InstanceSpec:
+        """How to start (or restart) the instance of ``job``; writes its manifest."""
         s = job.settings
         home = self.platform.home
         run_dir, output_dir = home.run_dir(job.id), home.output_dir(job.id)
@@ -270,10 +283,33 @@ class JobService:
         ]
 
     def apply_routes(self, start: bool = True) -> None:
-        """Render the gateway from the state; starts it when ``start`` and it is not running."""
+        """Render the gateway from the state; starts it (and the supervisor) when ``start`` and it is not running."""
+        from mlserve import supervisor  # it drives this service: a top-level import would be circular
+
         gateway = self.platform.gateway
         if start or gateway.is_running():
             gateway.apply(self.routes(), self.state.projects())
+            if start:
+                supervisor.ensure_running(self.platform.home)
+
+    def revive(self) -> list[str]:
+        """After a crash or a reboot: bring back the gateway's routes and the supervisor if jobs should serve.
+
+        Returns notices of what had to be restored.
+        """
+        from mlserve import supervisor
+
+        if not self.state.jobs(active_only=True):
+            return []
+        notes = []
+        if not self.platform.gateway.is_running():
+            with self.state.lock():
+                self.apply_routes()
+            notes.append("the gateway was not running; its routes were restored from the state")
+        if supervisor.ensure_running(self.platform.home) is not None:
+            notes.append("the supervisor was not running; it was started again "
+                         f"(its log: {self.platform.home.gateway_dir / supervisor.LOGFILE})")
+        return notes
 
     # scale and stop -----------------------------------------------------------
 
@@ -294,30 +330,39 @@ class JobService:
                 settings = {k: v for k, v in newest.settings.items() if k not in ("body_limit_mb", "timeout_s")}
                 self._start(owner, project, settings, count=target - len(active))
             elif target < len(active):
-                self._stop_locked(sorted(active, key=lambda j: (j.created_at, j.number))[: len(active) - target])
+                self.stop_locked(sorted(active, key=lambda j: (j.created_at, j.number))[: len(active) - target])
             return [j for j in self.state.jobs(active_only=True, owner=owner, project=project)]
 
     def stop(self, jobs: list[Job]) -> list[Job]:
         with self.state.lock():
             current = [self.state.get_job(j.id) for j in jobs]
-            return self._stop_locked([j for j in current if j is not None and j.active])
+            return self.stop_locked([j for j in current if j is not None and j.active])
 
-    def _stop_locked(self, jobs: list[Job]) -> list[Job]:
-        """Leave the rotation first, then stop gracefully (in-flight requests finish), keep the log."""
+    def stop_locked(self, jobs: list[Job], reason: str | None = None, final_state: str = "stopped") -> list[Job]:
+        """Drain, then stop: leave the rotation first, let requests on their way land, then SIGTERM
+        (uWSGI finishes in-flight requests, up to the timeout). The instance's log is kept."""
         if not jobs:
             return []
         for job in jobs:
-            self.state.update_job(job.id, state="stopping", healthy=False)
-        self.apply_routes(start=False)
+            self.state.update_job(job.id, state="stopping", healthy=False, reason=reason)
+        if self.platform.gateway.is_running():
+            self.apply_routes(start=False)
+            time.sleep(DRAIN_GRACE_S)
         timeout = self.platform.gateway.settings.timeout_s + 5
         for job in jobs:
             runtime = self.platform.runtime(job.runtime)
             if job.runtime == "docker":
                 _save_log(self.platform.home.run_dir(job.id), runtime.logs(job.id, job.handle, follow=False, tail=1000))
             runtime.stop(job.id, job.handle, timeout=timeout)
-            self.state.update_job(job.id, state="stopped", healthy=False, stopped_at=time.time())
-            self.report(f"Stopped {job.name}")
+            self.state.update_job(job.id, state=final_state, healthy=False, stopped_at=time.time())
+            self.report(f"Stopped {job.name}" + (f" ({reason})" if reason else ""))
         return [self.state.get_job(j.id) for j in jobs]  # type: ignore[misc]
+
+    def fail(self, job: Job, reason: str) -> None:
+        """Give up on a job that keeps failing: stop it, keep its last log lines in the reason."""
+        tail = list(self.platform.runtime(job.runtime).logs(job.id, job.handle, follow=False, tail=LOG_TAIL))
+        self.stop_locked([job], reason=reason + ("\nlast log lines:\n" + "\n".join(tail) if tail else ""),
+                         final_state="failed")
 
     # observing ----------------------------------------------------------------
 
@@ -420,6 +465,14 @@ class JobView:
         uptime = time.time() - job.started_at if job.started_at else None
         return cls(job, status, job.healthy and job.state == "running", uptime, endpoint)
 
+    @property
+    def expires_in(self) -> float | None:
+        """Seconds until the job's maximum runtime is over (None: no limit, or not running)."""
+        limit = self.job.settings.get("max_runtime_s")
+        if not limit or self.uptime is None:
+            return None
+        return max(0.0, limit - self.uptime)
+
     def as_dict(self) -> dict:
         job = self.job
         return {
@@ -437,6 +490,7 @@ class JobView:
             "endpoint": self.endpoint,
             "restarts": job.restarts,
             "reason": job.reason,
+            "expires_in": round(self.expires_in) if self.expires_in is not None else None,
         }
 
 

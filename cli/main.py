@@ -44,6 +44,14 @@ def _platform(quiet: bool = False) -> Platform:
     return Platform(report=_say(quiet))
 
 
+def _service(quiet: bool = False) -> JobService:
+    """The job service of a command; first restores the gateway and supervisor if jobs should be serving."""
+    service = JobService(_platform(quiet))
+    for note in service.revive():
+        click.echo(f"Notice: {note}", err=True)
+    return service
+
+
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
@@ -91,10 +99,12 @@ def validate(directory: Path) -> None:
 @click.option("--runtime", type=click.Choice(RUNTIMES), help="Where instances run (default: docker when an engine answers).")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False), help="CA bundle pip trusts inside the build.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--max-runtime", metavar="DURATION", help="Stop the job after this long: 45m, 12h, 7d (default 7d; 0 for never).")
 @click.option("--follow", "-f", is_flag=True, help="Follow the job's logs after it starts.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, workers: int | None,
-        runtime: str | None, ca_bundle: str | None, as_json: bool, follow: bool, command: tuple[str, ...]) -> None:
+        runtime: str | None, ca_bundle: str | None, as_json: bool, max_runtime: str | None, follow: bool,
+        command: tuple[str, ...]) -> None:
     """Validate app.py here, build an image and serve it behind a unique and a project endpoint."""
     if mode != "serve":
         raise UsageError(f"--mode {mode} is not supported", "mlserve serves apps: use `mlserve run --mode serve`.")
@@ -103,8 +113,8 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
             f"serve mode takes no command (got {' '.join(command)!r})",
             "uWSGI runs the global `app` of app.py; remove the command.",
         )
-    service = JobService(_platform(quiet=as_json))
-    deployment = service.run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle))
+    service = _service(quiet=as_json)
+    deployment = service.run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime))
     job = deployment.jobs[0]
     if as_json:
         _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],
@@ -133,7 +143,7 @@ def scale(replicas: int | None, add: int | None, project: str | None) -> None:
     """Make the project have REPLICAS serving jobs (the newest job's image and settings are reused)."""
     if (replicas is None) == (add is None):
         raise UsageError("give either REPLICAS or --add K", "e.g. `mlserve scale 3` or `mlserve scale --add 1`.")
-    service = JobService(_platform())
+    service = _service()
     name = _project_or_folder(service, project)
     jobs = service.scale(service.platform.owner, name, replicas=replicas, add=add)
     click.echo(f"{service.platform.owner}/projects/{name}: {len(jobs)} serving job(s)")
@@ -162,17 +172,21 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def status(include_stopped: bool, as_json: bool) -> None:
     """List serving jobs with what really runs (alias: ps)."""
-    service = JobService(_platform(quiet=as_json))
+    service = _service(quiet=as_json)
     views, orphans = service.status(include_stopped)
     if as_json:
         _emit_json([v.as_dict() for v in views])
         return
     now = time.time()
     rows = [
-        [v.job.name, _ago(now - v.job.created_at) + " ago", v.status, "healthy" if v.healthy else "-", _ago(v.uptime), v.endpoint]
+        [v.job.name, _ago(now - v.job.created_at) + " ago", v.status, "healthy" if v.healthy else "-", _ago(v.uptime),
+         _ago(v.expires_in), str(v.job.restarts), v.endpoint]
         for v in views
     ]
-    _table(rows, ["JOB NAME", "CREATED", "STATUS", "HEALTH", "UPTIME", "ENDPOINT"])
+    _table(rows, ["JOB NAME", "CREATED", "STATUS", "HEALTH", "UPTIME", "TIME LEFT", "RESTARTS", "ENDPOINT"])
+    for view in views:
+        if view.job.reason and (view.status == "failed" or (view.job.active and not view.healthy)):
+            click.echo(f"{view.job.name}: {view.job.reason.splitlines()[0]} (`mlserve info {view.job.name}` for more)")
     for orphan in orphans:
         click.echo(f"drift: container {orphan.handle[:12]} (job id {orphan.job_id}) has no job in the state; "
                    "`mlserve stop --all` removes it", err=True)
@@ -186,7 +200,7 @@ cli.add_command(status, "ps")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(job: str, as_json: bool) -> None:
     """Show one job: state, endpoints, settings, and the body limit and timeout in force."""
-    service = JobService(_platform(quiet=as_json))
+    service = _service(quiet=as_json)
     record = service.resolve(job)
     views, _ = service.status(include_stopped=True)
     view = next(v for v in views if v.job.id == record.id)
@@ -204,9 +218,12 @@ def info(job: str, as_json: bool) -> None:
     if as_json:
         _emit_json(data)
         return
-    for key in ("job", "id", "state", "healthy", "runtime", "image", "workers", "endpoint", "project_endpoint", "restarts", "reason"):
+    for key in ("job", "id", "state", "healthy", "runtime", "image", "workers", "endpoint", "project_endpoint", "restarts"):
         click.echo(f"{key + ':':18}{data[key]}")
+    if record.reason:
+        click.echo(f"{'reason:':18}" + record.reason.replace("\n", "\n" + " " * 18))
     click.echo(f"{'uptime:':18}{_ago(view.uptime)}")
+    click.echo(f"{'time left:':18}{_ago(view.expires_in) if view.expires_in is not None else 'no limit'}")
     for mount in data["data"] or []:
         click.echo(f"{'data:':18}{mount['source']} -> {mount['mount']} (read-only)")
     limits = data["limits"]
@@ -222,7 +239,7 @@ def info(job: str, as_json: bool) -> None:
 @click.option("--tail", type=click.IntRange(1), help="Only the last N lines.")
 def logs(job: str, follow: bool, tail: int | None) -> None:
     """Print a job's logs."""
-    service = JobService(_platform())
+    service = _service()
     for line in service.logs(service.resolve(job), follow=follow, tail=tail):
         click.echo(line)
 
@@ -235,7 +252,7 @@ def stop(jobs: tuple[str, ...], project: str | None, stop_all: bool) -> None:
     """Stop jobs gracefully: they leave the rotation, in-flight requests finish."""
     if sum(map(bool, (jobs, project, stop_all))) != 1:
         raise UsageError("name jobs, or --project P, or --all", "e.g. `mlserve stop 5` or `mlserve stop --project style-transfer`.")
-    service = JobService(_platform())
+    service = _service()
     state = service.state
     if stop_all:
         targets = state.jobs(active_only=True)
@@ -275,7 +292,10 @@ def gateway_start(port: int | None, body_limit: int | None, timeout: int | None)
 @gateway.command("stop")
 def gateway_stop() -> None:
     """Stop the gateway (jobs keep running; endpoints stop answering)."""
+    from mlserve import supervisor
+
     platform = _platform()
+    supervisor.stop(platform.home)  # first, or it would bring the gateway back
     platform.gateway.stop()
     click.echo("Gateway stopped.")
 
@@ -284,12 +304,24 @@ def gateway_stop() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def gateway_status(as_json: bool) -> None:
     """Show whether the gateway runs, where, and how many routes it has."""
-    status_ = _platform().gateway.status()
-    data = {"running": status_.running, "pid": status_.pid, "url": status_.url, "config": str(status_.config), "routes": status_.routes}
+    from mlserve import supervisor
+
+    platform = _platform()
+    home, status_ = platform.home, platform.gateway.status()
+    watcher, beat = supervisor.pid(home), supervisor.heartbeat_age(home)
+    data = {"running": status_.running, "pid": status_.pid, "url": status_.url, "config": str(status_.config),
+            "routes": status_.routes,
+            "supervisor": {"running": watcher is not None, "pid": watcher,
+                           "last_round_s_ago": round(beat, 1) if beat is not None else None}}
     if as_json:
         _emit_json(data)
+        return
+    click.echo(f"gateway: {'running' if status_.running else 'stopped'} (pid {status_.pid}) at {status_.url}, {status_.routes} route(s)")
+    if watcher is not None:
+        click.echo(f"supervisor: running (pid {watcher}), last round {beat:.1f}s ago" if beat is not None
+                   else f"supervisor: running (pid {watcher})")
     else:
-        click.echo(f"gateway: {'running' if status_.running else 'stopped'} (pid {status_.pid}) at {status_.url}, {status_.routes} route(s)")
+        click.echo("supervisor: not running (any mlserve command that finds jobs serving starts it)")
 
 
 @cli.command()

@@ -129,6 +129,20 @@ def parse_data_mount(spec: str, base: Path) -> DataMount:
     return DataMount(str(path), mount)
 
 
+DURATION_RE = re.compile(r"^(\d+)\s*([smhd]?)$")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | int | None, default: int) -> int:
+    """``90``, ``45s``, ``30m``, ``12h`` or ``7d`` as seconds; ``0`` means no limit. Raises UsageError."""
+    if value is None:
+        return default
+    match = DURATION_RE.match(str(value).strip().lower())
+    if not match:
+        raise UsageError(f"{value!r} is not a duration", "Use seconds, or a number with s, m, h or d: 45s, 30m, 12h, 7d; 0 for none.")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
 # -- the build context -----------------------------------------------------------------------
 
 

@@ -65,6 +65,9 @@ class Runtime(Protocol):
     def logs(self, job_id: str, handle: str | None, follow: bool, tail: int | None) -> Iterator[str]:
         """The instance's output lines."""
 
+    def restart(self, spec: InstanceSpec, handle: str | None) -> str:
+        """Bring a dead or sick instance back (the same one when it still exists); return its handle."""
+
 
 def write_uwsgi_ini(spec: InstanceSpec, *, socket: str, app_dir: str, venv: str) -> Path:
     """Render templates/uwsgi.ini.j2 into the job's run dir, with paths as the instance sees them."""

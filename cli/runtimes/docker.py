@@ -80,6 +80,14 @@ class DockerRuntime:
             )
         return container.id
 
+    def restart(self, spec: InstanceSpec, handle: str | None) -> str:
+        container = self._get(spec.job_id, handle)
+        if container is None:
+            return self.start(spec)
+        with engine_errors(f"restarting the container of {spec.name}"):
+            container.restart(timeout=5)
+        return container.id
+
     def _get(self, job_id: str, handle: str | None):  # -> Container | None
         with engine_errors(f"looking up the container of job {job_id}"):
             if handle:

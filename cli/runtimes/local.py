@@ -117,6 +117,10 @@ class LocalRuntime:
             )
         return str(process.pid)
 
+    def restart(self, spec: InstanceSpec, handle: str | None) -> str:
+        self.stop(spec.job_id, handle, timeout=5)
+        return self.start(spec)
+
     def _ini(self, job_id: str) -> Path:
         return self.home.run_dir(job_id) / "uwsgi.ini"
 

@@ -1,0 +1,239 @@
+"""Self-healing on the real engine and gateway: checks, rotation, restarts, draining, locked-down instances.
+
+Loads go to loopback only, from a few threads, and stop by themselves (bounded in time)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+APPS = Path(__file__).parent / "apps"
+LOAD_LIMIT_S = 60  # no load runs longer than this, whatever happens
+
+
+@dataclass
+class Load:
+    """GET requests from a few threads until stopped (or LOAD_LIMIT_S); counts every failure."""
+
+    url: str
+    threads: int = 4
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._loop, daemon=True) for _ in range(self.threads)]
+
+    def _loop(self) -> None:
+        session = requests.Session()
+        session.trust_env = False
+        deadline = time.monotonic() + LOAD_LIMIT_S
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                answer = session.get(self.url, timeout=30)
+                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:100]}"
+            except requests.RequestException as exc:
+                failure = repr(exc)
+            with self._lock:
+                if failure:
+                    self.failures.append(failure)
+                else:
+                    self.ok += 1
+
+    def __enter__(self) -> "Load":
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=LOAD_LIMIT_S)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+@pytest.fixture
+def healing(tmp_path) -> Path:
+    target = tmp_path / "healing"
+    shutil.copytree(APPS / "healing", target)
+    return target
+
+
+def _jobs(mlserve) -> dict[str, dict]:
+    return {j["job"]: j for j in mlserve.json("status")}
+
+
+def _container(docker_client, mlserve, job_id: str):
+    found = docker_client.containers.list(
+        all=True, filters={"label": [f"io.mlserve.home={mlserve.home}", f"io.mlserve.job={job_id}"]})
+    return found[0] if found else None
+
+
+def _served(project_endpoint: str, n: int) -> set[str]:
+    return {requests.get(project_endpoint, timeout=10).json()["job"] for _ in range(n)}
+
+
+def test_kill_9_of_one_instance_under_load_loses_no_request(mlserve, healing, docker_client):
+    out = mlserve.json("run", "--mode", "serve", cwd=healing)
+    mlserve("scale", "3", cwd=healing)
+    victim = out["id"]
+    container = _container(docker_client, mlserve, victim)
+    with Load(out["project_endpoint"]) as load:
+        time.sleep(2)
+        container.kill(signal="SIGKILL")
+        killed_at = time.monotonic()
+        back = wait_for(lambda: _jobs(mlserve)[out["job"]]["healthy"] and
+                        _jobs(mlserve)[out["job"]]["restarts"] >= 1, timeout=30)
+        back_after = time.monotonic() - killed_at
+        time.sleep(2)
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 50
+    assert back, "the killed instance did not come back"
+    assert back_after <= 15, back_after
+    assert out["job"] in _served(out["project_endpoint"], 12)
+    assert "supervisor: running" in mlserve("gateway", "status").stdout
+
+
+def test_hanging_health_path_leaves_rotation_and_is_restarted(mlserve, healing):
+    sick = mlserve.json("run", "--mode", "serve", cwd=healing)
+    mlserve("scale", "2", cwd=healing)
+    well = next(j for j in _jobs(mlserve).values() if j["id"] != sick["id"])
+    assert requests.post(sick["endpoint"] + "/sick", timeout=10).json() == {"sick": True}
+    started = time.monotonic()
+    with Load(sick["project_endpoint"], threads=2) as load:
+        out_of_rotation = wait_for(lambda: not _jobs(mlserve)[sick["job"]]["healthy"], timeout=20)
+        left_after = time.monotonic() - started
+        assert out_of_rotation, "the sick job stayed in rotation"
+        assert _served(sick["project_endpoint"], 6) == {well["job"]}
+        back = wait_for(lambda: (j := _jobs(mlserve)[sick["job"]])["healthy"] and j["restarts"] >= 1, timeout=60)
+    assert left_after <= 10, left_after
+    assert back, "the sick job was not restarted back to health"
+    assert load.failures == [], load.failures[:5]
+    assert _served(sick["project_endpoint"], 12) == {sick["job"], well["job"]}
+
+
+def test_scale_down_and_stop_under_load_lose_no_request(mlserve, healing):
+    out = mlserve.json("run", "--mode", "serve", cwd=healing)
+    mlserve("scale", "3", cwd=healing)
+    with Load(out["project_endpoint"]) as load:
+        time.sleep(1)
+        mlserve("scale", "1", cwd=healing)
+        time.sleep(1)
+        remaining = list(_jobs(mlserve))
+        mlserve("scale", "--add", "1", cwd=healing)
+        mlserve("stop", remaining[0])
+        time.sleep(1)
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 50
+    assert len(_jobs(mlserve)) == 1
+
+
+def test_max_runtime_stops_the_job_and_status_shows_time_left(mlserve, healing):
+    out = mlserve.json("run", "--mode", "serve", "--max-runtime", "8s", cwd=healing)
+    left = mlserve.json("status")[0]["expires_in"]
+    assert 0 < left <= 8
+    stopped = wait_for(lambda: mlserve.json("status", "--all")[0]["state"] == "stopped", timeout=30)
+    assert stopped
+    assert mlserve.json("info", out["job"])["reason"] == "maximum runtime reached"
+    assert requests.get(out["endpoint"], timeout=10).status_code == 404
+
+
+def test_a_job_that_keeps_failing_becomes_failed_with_its_log(mlserve, tmp_path):
+    folder = tmp_path / "crashy"
+    folder.mkdir()
+    # Healthy at first, then every worker exits: the instance dies after each restart.
+    (folder / "app.py").write_text(
+        "import os, threading, time\n"
+        "def _die():\n    time.sleep(1.5)\n    print('crashy: giving up now', flush=True)\n    os._exit(3)\n"
+        "threading.Thread(target=_die, daemon=True).start()\n"
+        "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n"
+    )
+    (folder / "mlserve.yml").write_text("preload: true\n")
+    out = mlserve.json("run", "--mode", "serve", cwd=folder)
+    failed = wait_for(lambda: mlserve.json("status", "--all")[0]["state"] == "failed", timeout=150, interval=1)
+    assert failed, mlserve.json("status", "--all")
+    info = mlserve.json("info", out["job"])
+    assert info["restarts"] >= 3
+    assert "restarted" in info["reason"] and "last log lines" in info["reason"]
+    assert "failed" in mlserve("status", "--all").stdout
+
+
+def test_lock_helper_counts_exactly_across_both_workers(mlserve, healing):
+    out = mlserve.json("run", "--mode", "serve", cwd=healing)
+    session = requests.Session()
+
+    def bump(_: int) -> int:
+        return session.post(out["endpoint"] + "/inc", timeout=30).json()["pid"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        pids = set(pool.map(bump, range(1000)))
+    assert len(pids) == 2  # both workers took part
+    assert requests.get(out["endpoint"] + "/count", timeout=10).json()["value"] == 1000
+
+
+@pytest.mark.parametrize(
+    "route, path",
+    [("write", "/app/x"), ("write", "/etc/x"), ("write", "/x"), ("write", "/run/mlserve/x"),
+     ("read", "/var/run/docker.sock"), ("connect", "/var/run/docker.sock"), ("read", "/proc/1/environ")],
+)
+def test_locked_down_instance_cannot_write_outside_tmp_and_output(mlserve_module, route, path, tmp_path_factory):
+    project = tmp_path_factory.mktemp("lock") / "healing"
+    if not project.exists():
+        shutil.copytree(APPS / "healing", project)
+    jobs = mlserve_module.json("status")
+    out = jobs[0] if jobs else mlserve_module.json("run", "--mode", "serve", cwd=project)
+    for allowed in ("/tmp/ok", "/output/ok"):
+        assert requests.get(f"{out['endpoint']}/write", params={"path": allowed}, timeout=10).json()["ok"], allowed
+    answer = requests.get(f"{out['endpoint']}/{route}", params={"path": path}, timeout=10).json()
+    assert answer["ok"] is False, answer
+
+
+def test_paths_that_climb_out_of_an_endpoint_never_reach_another_job(mlserve, healing):
+    a = mlserve.json("run", "--mode", "serve", cwd=healing)
+    b = mlserve.json("run", "--mode", "serve", cwd=healing)
+    for path in (f"/serve/{a['id']}/../{b['id']}", f"/serve/{a['id']}/%2e%2e/{b['id']}",
+                 f"/serve/{a['id']}/..%2f{b['id']}", f"/serve/{a['id']}//../{b['id']}", f"/serve//{b['id']}"):
+        answer = subprocess.run(["curl", "-s", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}", mlserve.url + path],
+                                capture_output=True, text=True, timeout=30).stdout
+        assert answer == "400", (path, answer)
+
+
+def test_twenty_concurrent_commands_leave_state_containers_and_routes_in_agreement(mlserve, healing, docker_client):
+    mlserve("run", "--mode", "serve", cwd=healing)
+    commands = [["scale", str(n % 4 + 1)] if n % 3 else ["run", "--mode", "serve"] for n in range(20)]
+    procs = [subprocess.Popen([sys.executable, "-m", "mlserve", *args], cwd=healing, env=mlserve.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in commands]
+    for proc in procs:
+        proc.communicate(timeout=900)
+        assert proc.returncode == 0
+    jobs = mlserve.json("status")
+    ids = {j["id"] for j in jobs}
+    containers = docker_client.containers.list(all=True, filters={"label": f"io.mlserve.home={mlserve.home}"})
+    assert {c.labels["io.mlserve.job"] for c in containers} == ids
+    assert all(c.status == "running" for c in containers)
+    conf = (mlserve.home / "gateway" / "nginx.conf").read_text()
+    routed = {line.split("job_")[1].split()[0] for line in conf.splitlines() if line.strip().startswith("upstream job_")}
+    assert routed == ids
+    numbers = sorted(int(j["job"].rsplit("/", 1)[1]) for j in mlserve.json("status", "--all"))
+    assert len(numbers) == len(set(numbers))
