@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlserve.constants import SOCKET_NAME
+
 
 @dataclass(frozen=True)
 class Home:
@@ -36,6 +38,10 @@ class Home:
     def run_dir(self, job_id: str) -> Path:
         """Per-job dir shared with the instance: socket, uwsgi.ini, manifest (mounted at /run/mlserve)."""
         return self.root / "run" / job_id
+
+    def socket(self, job_id: str) -> Path:
+        """The job's uwsgi socket, which the gateway and the health checks connect to."""
+        return self.run_dir(job_id) / SOCKET_NAME
 
     def output_dir(self, job_id: str) -> Path:
         """Per-job writable dir, mounted at /output in the instance."""

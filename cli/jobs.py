@@ -24,7 +24,6 @@ from mlserve.constants import (
     DEFAULT_MAX_RUNTIME_S,
     DRAIN_GRACE_S,
     MANIFEST_NAME,
-    SOCKET_NAME,
 )
 from mlserve.errors import EngineUnavailableError, JobNotFoundError, JobStartError, UsageError
 from mlserve.gateway import Route
@@ -191,7 +190,9 @@ class JobService:
         s = job.settings
         home = self.platform.home
         run_dir, output_dir = home.run_dir(job.id), home.output_dir(job.id)
-        for path in (run_dir, output_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # The instance writes only its socket's folder and its output folder.
+        for path in (home.socket(job.id).parent, output_dir):
             path.mkdir(parents=True, exist_ok=True)
             if s["runtime"] == "docker":
                 _give_to_instance_user(path)
@@ -248,7 +249,7 @@ class JobService:
         pending = list(jobs)
         while pending:
             job = pending[0]
-            socket = str(self.platform.home.run_dir(job.id) / SOCKET_NAME)
+            socket = str(self.platform.home.socket(job.id))
             result = wait_healthy(
                 socket, min(deadline, time.monotonic() + 1.0),
             )
@@ -276,7 +277,7 @@ class JobService:
     def routes(self) -> list[Route]:
         """Active jobs as the gateway routes them: only healthy running ones take traffic."""
         return [
-            Route(job.id, job.name, job.project_key, str(self.platform.home.run_dir(job.id) / SOCKET_NAME),
+            Route(job.id, job.name, job.project_key, str(self.platform.home.socket(job.id)),
                   job.healthy and job.state == "running", job.reason or job.state)
             for job in self.state.jobs(active_only=True)
             if job.state != "stopping"
@@ -302,11 +303,13 @@ class JobService:
         if not self.state.jobs(active_only=True):
             return []
         notes = []
+        supervised = supervisor.pid(self.platform.home) is not None
         if not self.platform.gateway.is_running():
             with self.state.lock():
-                self.apply_routes()
+                self.apply_routes()  # starts the supervisor too
             notes.append("the gateway was not running; its routes were restored from the state")
-        if supervisor.ensure_running(self.platform.home) is not None:
+        if not supervised:
+            supervisor.ensure_running(self.platform.home)
             notes.append("the supervisor was not running; it was started again "
                          f"(its log: {self.platform.home.gateway_dir / supervisor.LOGFILE})")
         return notes

@@ -25,7 +25,6 @@ from mlserve.constants import (
     HEALTHY_SPELL_S,
     MAX_RESTART_STREAK,
     RESTART_AFTER_FAILURES,
-    SOCKET_NAME,
 )
 from mlserve.errors import MlserveError
 from mlserve.health import probe
@@ -95,7 +94,7 @@ class Supervisor:
 
     def _check(self, job: Job, watch: Watch, health: dict) -> tuple[bool, str | None] | None:
         """Probe one job; returns (healthy, reason) when its rotation membership should change."""
-        socket = str(self.platform.home.run_dir(job.id) / SOCKET_NAME)
+        socket = str(self.platform.home.socket(job.id))
         result = probe(socket, timeout=float(health.get("timeout") or HEALTH_TIMEOUT_S))
         now = time.time()
         if result.ok:

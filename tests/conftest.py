@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
+def pytest_collection_modifyitems(config, items):
+    # Restarting the Docker engine stops every container: those tests run last.
+    items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
+
+
 def _require(reason: str) -> None:
     if os.environ.get("MLSERVE_REQUIRE_ENGINE"):
         pytest.fail(f"integration tier cannot run: {reason}")

@@ -19,6 +19,7 @@ from mlserve.constants import (
     LABEL_JOB,
     LABEL_NAME,
     LABEL_PROJECT,
+    SOCKET_DIR,
     SOCKET_NAME,
 )
 from mlserve.engine import engine_errors
@@ -50,7 +51,9 @@ class DockerRuntime:
         write_uwsgi_ini(spec, socket=f"{INSTANCE_RUN_DIR}/{SOCKET_NAME}", app_dir=INSTANCE_APP_DIR, venv=INSTANCE_VENV)
         limits = {**DEFAULT_LIMITS, **{k: v for k, v in spec.limits.items() if v is not None}}
         volumes = {
-            str(spec.run_dir): {"bind": INSTANCE_RUN_DIR, "mode": "rw"},
+            # Read-only but for the socket's folder: the instance cannot rewrite its own configuration.
+            str(spec.run_dir): {"bind": INSTANCE_RUN_DIR, "mode": "ro"},
+            str(spec.socket.parent): {"bind": f"{INSTANCE_RUN_DIR}/{SOCKET_DIR}", "mode": "rw"},
             str(spec.output_dir): {"bind": INSTANCE_OUTPUT_DIR, "mode": "rw"},
         }
         for mount in spec.data:

@@ -195,7 +195,7 @@ def test_lock_helper_counts_exactly_across_both_workers(mlserve, healing):
 @pytest.mark.parametrize(
     "route, path",
     [("write", "/app/x"), ("write", "/etc/x"), ("write", "/x"), ("write", "/run/mlserve/x"),
-     ("read", "/var/run/docker.sock"), ("connect", "/var/run/docker.sock"), ("read", "/proc/1/environ")],
+     ("read", "/var/run/docker.sock"), ("connect", "/var/run/docker.sock"), ("read", "/etc/shadow")],
 )
 def test_locked_down_instance_cannot_write_outside_tmp_and_output(mlserve_module, route, path, tmp_path_factory):
     project = tmp_path_factory.mktemp("lock") / "healing"
@@ -237,3 +237,47 @@ def test_twenty_concurrent_commands_leave_state_containers_and_routes_in_agreeme
     assert routed == ids
     numbers = sorted(int(j["job"].rsplit("/", 1)[1]) for j in mlserve.json("status", "--all"))
     assert len(numbers) == len(set(numbers))
+
+
+def test_a_crashed_gateway_and_supervisor_come_back_with_any_command(mlserve, healing):
+    import os
+    import signal
+
+    out = mlserve.json("run", "--mode", "serve", cwd=healing)
+    status = mlserve.json("gateway", "status")
+    assert status["running"] and status["supervisor"]["running"]
+    os.kill(status["supervisor"]["pid"], signal.SIGKILL)
+    nginx = status["pid"]
+    workers = Path(f"/proc/{nginx}/task/{nginx}/children").read_text().split()
+    for pid in [nginx, *map(int, workers)]:  # all of nginx dies, as in a reboot
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not mlserve.json("gateway", "status")["running"], timeout=10)
+    listing = mlserve("status")
+    assert "the gateway was not running" in listing.stderr
+    assert "the supervisor was not running" in listing.stderr
+    assert requests.get(out["endpoint"], timeout=10).status_code == 200
+    again = mlserve.json("gateway", "status")
+    assert again["running"] and again["supervisor"]["running"]
+
+
+@pytest.mark.engine_restart
+def test_engine_restart_restores_routes_and_jobs_rejoin(mlserve, healing, docker_client):
+    import os
+    import signal
+
+    from mlserve import host
+
+    out = mlserve.json("run", "--mode", "serve", cwd=healing)
+    mlserve("scale", "2", cwd=healing)
+    pid = int(Path("/var/run/docker.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=60)
+    host.ensure_engine(print).close()
+
+    def all_back() -> bool:
+        jobs = mlserve.json("status")
+        return len(jobs) == 2 and all(j["healthy"] and j["restarts"] >= 1 for j in jobs)
+
+    assert wait_for(all_back, timeout=120, interval=1), mlserve.json("status")
+    assert requests.get(out["project_endpoint"], timeout=10).status_code == 200
+    assert requests.get(out["endpoint"], timeout=10).status_code == 200
