@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import re
-import subprocess
 import tarfile
 import time
 from dataclasses import dataclass

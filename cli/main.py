@@ -13,7 +13,7 @@ import click
 
 from mlserve import __version__
 from mlserve.errors import MlserveError, UsageError
-from mlserve.jobs import JobService, JobView, RunRequest
+from mlserve.jobs import JobService, RunRequest
 from mlserve.platform import RUNTIMES, Platform
 
 

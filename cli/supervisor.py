@@ -29,7 +29,7 @@ from mlserve.constants import (
 from mlserve.errors import MlserveError
 from mlserve.health import probe
 from mlserve.home import Home
-from mlserve.jobs import LOG_TAIL, START_TIMEOUT_S, JobService
+from mlserve.jobs import START_TIMEOUT_S, JobService
 from mlserve.platform import Platform
 from mlserve.state import Job
 

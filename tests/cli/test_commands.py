@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from click.testing import CliRunner
 
 from mlserve.main import cli
-
-
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLSERVE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLSERVE_OWNER", "alice")
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
 
 
 def test_init_then_validate(runner, tmp_path):

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from mlserve.main import cli
 from mlserve.scaffold import TEMPLATES
-
-
-@pytest.fixture
-def runner(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLSERVE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLSERVE_OWNER", "alice")
-    monkeypatch.chdir(tmp_path)
-    return CliRunner()
 
 
 @pytest.mark.parametrize("template, summary", [
