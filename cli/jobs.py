@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import docker
+import docker.errors
+
 from mlserve.builder import ImageBuilder, find_ca_bundle, resolve_base_image
 from mlserve.constants import (
     CONTAINER_UID,
@@ -25,6 +28,7 @@ from mlserve.constants import (
     DRAIN_GRACE_S,
     MANIFEST_NAME,
 )
+from mlserve.engine import engine_errors
 from mlserve.errors import EngineUnavailableError, JobNotFoundError, JobStartError, UsageError
 from mlserve.gateway import Route
 from mlserve.health import wait_healthy
@@ -141,7 +145,12 @@ class JobService:
             ),
         }
         with self.state.lock():
-            jobs = self._start(owner, project, settings, count=1)
+            try:
+                jobs = self._start(owner, project, settings, count=1)
+            except BaseException:
+                if runtime == "docker" and not any(j.image == image for j in self.state.jobs()):
+                    _untag(self.platform.docker, image)  # a tag no job runs is a leftover
+                raise
         return Deployment(jobs, {j.id: self.endpoint(j) for j in jobs}, self.project_endpoint(owner, project), build)
 
     def _gateway_preflight(self) -> None:
@@ -520,3 +529,12 @@ def _save_log(run_dir: Path, lines: Iterator[str]) -> None:
                 handle.write(line + "\n")
     except OSError:
         pass
+
+
+def _untag(client: docker.DockerClient, image: str) -> None:
+    # noprune keeps the parent layers, so the next build still starts from the cache.
+    with engine_errors(f"removing the image {image}"):
+        try:
+            client.images.remove(image, noprune=True)
+        except docker.errors.APIError:
+            pass

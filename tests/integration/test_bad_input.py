@@ -195,3 +195,15 @@ def test_ctrl_c_during_build_leaves_nothing(running, docker_client, tmp_path):
     assert not ({c.id for c in docker_client.containers.list(all=True)} - before)
     assert not docker_client.images.list(name="mlserve/tester-slowbuild")
     assert_nothing_left(ms, out, docker_client)
+
+
+def test_app_that_crashes_at_start_leaves_no_job_container_or_image(running, docker_client, tmp_path):
+    ms, out = running
+    # Imports at build (no MLSERVE_JOB there), fails in every worker of the instance.
+    folder = _project(tmp_path, "import os\nif os.environ.get('MLSERVE_JOB'):\n    raise RuntimeError('no model file')\n" + WSGI)
+    result = ms("run", "--mode", "serve", "--project", "crashes", cwd=folder, check=False)
+    assert result.returncode != 0
+    assert "did not become healthy" in result.stderr
+    assert "no model file" in result.stderr  # the instance's log tail
+    assert_nothing_left(ms, out, docker_client)
+    assert not docker_client.images.list(name="mlserve/tester-crashes")
