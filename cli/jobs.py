@@ -104,7 +104,9 @@ class JobService:
         _check_unique_mounts(mounts)
         requirements = config.requirements or "requirements.txt"
         requirements = requirements if (project_dir / requirements).is_file() else None
-        runtime = self.platform.choose_runtime(request.runtime)
+        # A project stays on the runtime its jobs run on: a brief engine outage must not move it.
+        serving = self.state.jobs(active_only=True, owner=owner, project=project)
+        runtime = self.platform.choose_runtime(request.runtime or (serving[-1].runtime if serving else None))
         self._gateway_preflight()
 
         slug = f"{owner}-{project}"
@@ -317,8 +319,9 @@ class JobService:
             with self.state.lock():
                 self.apply_routes()  # starts the supervisor too
             notes.append("the gateway was not running; its routes were restored from the state")
+        else:
+            supervisor.ensure_running(self.platform.home)  # also replaces one left by older code
         if not supervised:
-            supervisor.ensure_running(self.platform.home)
             notes.append("the supervisor was not running; it was started again "
                          f"(its log: {self.platform.home.gateway_dir / supervisor.LOGFILE})")
         return notes

@@ -9,6 +9,7 @@ are drained and stopped. If nginx itself died, the routes are restored from the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -174,14 +175,28 @@ def _pidfile(home: Home) -> Path:
     return home.gateway_dir / PIDFILE
 
 
-def pid(home: Home) -> int | None:
-    """The running supervisor's pid for this home, or None."""
+def code_fingerprint() -> str:
+    """A hash of mlserve's own code: a supervisor started by older code is replaced after an upgrade."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _running(home: Home) -> tuple[int, str] | None:
+    """(pid, code fingerprint) of the supervisor running for this home."""
     try:
-        value = int(_pidfile(home).read_text().strip())
-        cmdline = Path(f"/proc/{value}/cmdline").read_bytes()
+        value, _, fingerprint = _pidfile(home).read_text().strip().partition(" ")
+        cmdline = Path(f"/proc/{int(value)}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return value if b"mlserve.supervisor" in cmdline else None
+    return (int(value), fingerprint) if b"mlserve.supervisor" in cmdline else None
+
+
+def pid(home: Home) -> int | None:
+    """The running supervisor's pid for this home, or None."""
+    running = _running(home)
+    return running[0] if running else None
 
 
 def heartbeat_age(home: Home) -> float | None:
@@ -193,9 +208,15 @@ def heartbeat_age(home: Home) -> float | None:
 
 
 def ensure_running(home: Home) -> int | None:
-    """Start the supervisor for ``home`` unless it runs; returns the new pid, or None if it ran already."""
-    if pid(home) is not None:
+    """Start the supervisor for ``home`` unless it runs; returns the new pid, or None if it ran already.
+
+    One started by other code (mlserve was upgraded meanwhile) is replaced.
+    """
+    running = _running(home)
+    if running is not None and running[1] == code_fingerprint():
         return None
+    if running is not None:
+        stop(home)
     home.gateway_dir.mkdir(parents=True, exist_ok=True)
     with open(home.gateway_dir / LOGFILE, "ab") as log:
         process = subprocess.Popen(
@@ -225,7 +246,7 @@ def stop(home: Home, timeout: float = 10) -> bool:
 def main() -> int:
     home = Home.from_env()
     pidfile = _pidfile(home)
-    pidfile.write_text(str(os.getpid()))
+    pidfile.write_text(f"{os.getpid()} {code_fingerprint()}")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     platform = Platform(home, report=lambda message: print(message, flush=True))

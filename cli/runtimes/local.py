@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from filelock import FileLock
+
 from mlserve.builder import runtime_packages, runtime_sources
 from mlserve.errors import BuildError
 from mlserve.home import Home
@@ -54,20 +56,22 @@ class LocalBuilder:
         runtime = b"".join(name.encode() + data for name, data in runtime_sources())
         req_hash = hashlib.sha256(req_text + " ".join(runtime_packages()).encode() + runtime).hexdigest()[:12]
         venv = self.home.venvs_dir / f"{slug}-{req_hash}"
-        if not (venv / ".ready").exists():
-            self.report(f"Creating virtual environment {venv} ...")
-            shutil.rmtree(venv, ignore_errors=True)
-            try:
-                _run([sys.executable, "-m", "venv", str(venv)], "creating the virtual environment")
-                pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-                _run(pip + runtime_packages(), "installing uwsgi into the virtual environment")
-                if requirements:
-                    _run(pip + ["-r", str(project_dir / requirements)], f"pip install -r {requirements}")
-                _install_runtime(venv)
-            except BaseException:
+        self.home.venvs_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{venv}.lock"):  # concurrent runs of one project share the venv
+            if not (venv / ".ready").exists():
+                self.report(f"Creating virtual environment {venv} ...")
                 shutil.rmtree(venv, ignore_errors=True)
-                raise
-            (venv / ".ready").touch()
+                try:
+                    _run([sys.executable, "-m", "venv", str(venv)], "creating the virtual environment")
+                    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+                    _run(pip + runtime_packages(), "installing uwsgi into the virtual environment")
+                    if requirements:
+                        _run(pip + ["-r", str(project_dir / requirements)], f"pip install -r {requirements}")
+                    _install_runtime(venv)
+                except BaseException:
+                    shutil.rmtree(venv, ignore_errors=True)
+                    raise
+                (venv / ".ready").touch()
         files = context_files(project_dir)
         digest = hashlib.sha256()
         for path, rel in files:
@@ -87,7 +91,10 @@ class LocalBuilder:
             if check.returncode != 0:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise BuildError("app.py failed the import check", (check.stdout + check.stderr).strip())
-            staging.rename(snapshot)
+            try:
+                staging.rename(snapshot)
+            except OSError:  # a concurrent run made the same snapshot first
+                shutil.rmtree(staging, ignore_errors=True)
         return str(snapshot), str(venv)
 
 

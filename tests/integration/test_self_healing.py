@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +41,10 @@ class Load:
     def _loop(self) -> None:
         session = requests.Session()
         session.trust_env = False
+        # Like curl and browsers: a GET sent on a reused keep-alive connection that the gateway
+        # closed (a reload closes idle ones) is retried on a new connection. Any answer counts.
+        retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
+        session.mount("http://", HTTPAdapter(max_retries=retry))
         deadline = time.monotonic() + LOAD_LIMIT_S
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
