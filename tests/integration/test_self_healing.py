@@ -168,20 +168,27 @@ def test_max_runtime_stops_the_job_and_status_shows_time_left(mlserve, healing):
 def test_a_job_that_keeps_failing_becomes_failed_with_its_log(mlserve, tmp_path):
     folder = tmp_path / "crashy"
     folder.mkdir()
-    # Healthy at first, then every worker exits: the instance dies after each restart.
+    # Healthy until /die: then the instance dies, and every restart fails to load the app.
     (folder / "app.py").write_text(
-        "import os, threading, time\n"
-        "def _die():\n    time.sleep(1.5)\n    print('crashy: giving up now', flush=True)\n    os._exit(3)\n"
-        "threading.Thread(target=_die, daemon=True).start()\n"
-        "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n"
+        "import os, signal\n"
+        "BROKEN = os.path.join(os.environ.get('OUTPUT_DIR', '/tmp'), 'broken')\n"
+        "if os.environ.get('MLSERVE_JOB') and os.path.exists(BROKEN):\n"
+        "    raise RuntimeError('crashy: the model file is corrupt')\n"
+        "def app(environ, start_response):\n"
+        "    if environ['PATH_INFO'] == '/die':\n"
+        "        open(BROKEN, 'w').close()\n"
+        "        os.kill(1, signal.SIGTERM)  # uWSGI master is pid 1: it ends the instance\n"
+        "    start_response('200 OK', [])\n"
+        "    return [b'ok']\n"
     )
-    (folder / "mlserve.yml").write_text("preload: true\n")
     out = mlserve.json("run", "--mode", "serve", cwd=folder)
+    requests.get(out["endpoint"] + "/die", timeout=10)
     failed = wait_for(lambda: mlserve.json("status", "--all")[0]["state"] == "failed", timeout=150, interval=1)
     assert failed, mlserve.json("status", "--all")
     info = mlserve.json("info", out["job"])
     assert info["restarts"] >= 3
     assert "restarted" in info["reason"] and "last log lines" in info["reason"]
+    assert "the model file is corrupt" in info["reason"]
     assert "failed" in mlserve("status", "--all").stdout
 
 
