@@ -31,6 +31,8 @@ from typing import Callable
 
 import docker
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 BENCH = Path(__file__).resolve().parent
 APPS = BENCH / "apps"
@@ -173,6 +175,10 @@ class Load:
     def _loop(self) -> None:
         session = requests.Session()
         session.trust_env = False
+        # As curl and browsers do: a GET on a reused keep-alive connection that the gateway closed
+        # (a reload closes idle ones) is retried on a new one; any HTTP answer counts as it is.
+        retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
+        session.mount("http://", HTTPAdapter(max_retries=retry))
         while not self._stop.is_set() and time.monotonic() - self.started < LOAD_LIMIT_S:
             began = time.monotonic()
             try:
