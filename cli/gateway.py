@@ -168,6 +168,8 @@ class Gateway:
             if "Address already in use" in check.stderr:
                 raise self._port_in_use()
             raise GatewayError("the rendered gateway configuration is invalid", _tail(check.stderr))
+        if running and f"listen {self.settings.host}:{self.settings.port} " not in self.config.read_text():
+            self._check_port()  # a new port: nginx would fail to bind it only after the reload
         candidate.replace(self.config)
         if running:
             os.kill(self.pid() or 0, signal.SIGHUP)

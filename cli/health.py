@@ -6,7 +6,6 @@ wrapper answers it (app loaded, a worker answers) or forwards it to the app's ow
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import time
@@ -83,13 +82,3 @@ def wait_healthy(socket_path: str, deadline: float, alive: Callable[[], bool] | 
             return ProbeResult(False, result.status, "the instance exited")
         time.sleep(0.1)
     return result
-
-
-def describe(result: ProbeResult) -> str:
-    try:
-        payload = json.loads(result.detail)
-    except ValueError:
-        payload = None
-    if isinstance(payload, dict) and "app" in payload:
-        return f"{payload['app']} (pid {payload.get('pid')})"
-    return result.detail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -279,13 +280,26 @@ def gateway() -> None:
 @click.option("--timeout", type=click.IntRange(1), help="Request timeout in seconds (default 60).")
 def gateway_start(port: int | None, body_limit: int | None, timeout: int | None) -> None:
     """Start (or reconfigure) the gateway, with routes from the state."""
+    env_port = os.environ.get("MLSERVE_GATEWAY_PORT")
+    if port is not None and env_port and env_port != str(port):
+        raise UsageError(f"MLSERVE_GATEWAY_PORT={env_port} is set and decides the port, not --port {port}",
+                         "Unset MLSERVE_GATEWAY_PORT, or set it to the port you want.")
     platform = _platform()
-    for key, value in (("gateway.port", port), ("gateway.body_limit_mb", body_limit), ("gateway.timeout_s", timeout)):
-        if value is not None:
-            platform.state.set_setting(key, str(value))
-    service = JobService(platform)
+    changes = {"gateway.port": port, "gateway.body_limit_mb": body_limit, "gateway.timeout_s": timeout}
     with platform.state.lock():
-        service.apply_routes()
+        before = {key: platform.state.get_setting(key) for key in changes}
+        for key, value in changes.items():
+            if value is not None:
+                platform.state.set_setting(key, str(value))
+        try:
+            JobService(platform).apply_routes()
+        except MlserveError:
+            for key, value in before.items():  # a gateway that cannot start keeps its old settings
+                if value is None:
+                    platform.state.delete_setting(key)
+                else:
+                    platform.state.set_setting(key, value)
+            raise
     click.echo(f"Gateway listening on {platform.gateway.url}")
 
 

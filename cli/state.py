@@ -217,3 +217,7 @@ class StateStore:
                 "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    def delete_setting(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM settings WHERE key = ?", (key,))

@@ -53,3 +53,10 @@ def test_unknown_job_reference(runner):
     result = runner.invoke(cli, ["logs", "proj/7"])
     assert result.exit_code == 7
     assert "no job alice/projects/proj/7" in result.output
+
+
+def test_gateway_port_flag_does_not_fight_the_environment(runner, monkeypatch):
+    monkeypatch.setenv("MLSERVE_GATEWAY_PORT", "8123")
+    result = runner.invoke(cli, ["gateway", "start", "--port", "9000"])
+    assert result.exit_code == 2
+    assert "MLSERVE_GATEWAY_PORT=8123" in result.output

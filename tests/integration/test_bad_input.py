@@ -207,3 +207,21 @@ def test_app_that_crashes_at_start_leaves_no_job_container_or_image(running, doc
     assert "no model file" in result.stderr  # the instance's log tail
     assert_nothing_left(ms, out, docker_client)
     assert not docker_client.images.list(name="mlserve/tester-crashes")
+
+
+def test_gateway_start_on_a_port_in_use_keeps_the_running_gateway(running, docker_client):
+    ms, out = running
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    try:
+        result = ms("gateway", "start", "--port", str(taken), env={"MLSERVE_GATEWAY_PORT": ""}, check=False)
+        assert result.returncode != 0
+        assert str(taken) in result.stderr and "in use" in result.stderr
+    finally:
+        blocker.close()
+    # The gateway goes on where it was, and the failed port was not kept.
+    assert_nothing_left(ms, out, docker_client)
+    status = ms.json("gateway", "status")
+    assert status["running"] and status["url"] == ms.url
