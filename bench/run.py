@@ -45,6 +45,7 @@ LOAD_LIMIT_S = 90  # no load runs longer than this, whatever happens
 COMMAND_TIMEOUT_S = 300
 SPEED = "Speed (issue 2)"
 HEALING = "Self-healing under load and faults (issue 3)"
+HEALING_APP = BENCH.parent / "tests" / "integration" / "apps" / "healing"  # the app the fault tests use
 
 
 class BenchError(RuntimeError):
@@ -544,7 +545,7 @@ def engine_restart(client: docker.DockerClient, ms: Mlserve, app: Path) -> list[
 
 def self_healing(client: docker.DockerClient, work: Path, with_engine_restart: bool) -> list[Result]:
     healing = work / "healing"
-    shutil.copytree(APPS / "healing", healing)
+    shutil.copytree(HEALING_APP, healing)
     warm = Mlserve()
     try:
         warm("run", "--mode", "serve", cwd=healing, timeout=900)  # builds the image once (flask from PyPI)
