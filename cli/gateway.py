@@ -42,12 +42,8 @@ class Route:
     name: str  # owner/projects/project/N
     project_key: str  # owner/projects/project
     socket: str
-    healthy: bool
+    healthy: bool  # healthy and running: it takes traffic
     reason: str | None = None  # why it takes no traffic
-
-    @property
-    def routable(self) -> bool:
-        return self.healthy
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ class Gateway:
         routes = sorted(routes, key=lambda r: r.name)
         keys = sorted(set(projects) | {r.project_key for r in routes})
         project_routes = [
-            ProjectRoutes(key, tuple(r.socket for r in routes if r.project_key == key and r.routable)) for key in keys
+            ProjectRoutes(key, tuple(r.socket for r in routes if r.project_key == key and r.healthy)) for key in keys
         ]
         context = dict(
             dir=str(self.dir), host=self.settings.host, port=self.settings.port,

@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from mlserve.constants import (
@@ -175,6 +176,7 @@ def _pidfile(home: Home) -> Path:
     return home.gateway_dir / PIDFILE
 
 
+@lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """A hash of mlserve's own code: a supervisor started by older code is replaced after an upgrade."""
     digest = hashlib.sha256()
