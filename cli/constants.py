@@ -25,6 +25,7 @@ SOCKET_DIR = "sock"  # the one writable part of the run dir inside an instance
 SOCKET_NAME = f"{SOCKET_DIR}/uwsgi.sock"
 UWSGI_INI_NAME = "uwsgi.ini"
 MANIFEST_NAME = "manifest.json"
+INSTANCE_LOG_NAME = "instance.log"  # in the run dir: a local instance's output, a stopped container's last lines
 HEALTH_VAR = "MLSERVE_HEALTH"  # uwsgi var only the host's probe sets; nginx never forwards it
 
 ENDPOINT_ID_LENGTH = 22

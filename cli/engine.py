@@ -1,16 +1,21 @@
-"""The one door to the Docker SDK: connection, API and timeout errors become advice."""
+"""The one door to the Docker SDK: connection, API and timeout errors become advice.
+
+A command creates one ``Engine`` (``Platform.engine``) and passes it to what needs Docker; nothing
+else calls the SDK, so every failure reads the same way.
+"""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import docker
 import docker.errors
 import requests.exceptions
+from docker.models.containers import Container
 
-from mlserve.errors import EngineUnavailableError, MlserveError
+from .errors import EngineUnavailableError, MlserveError
 
 START_ADVICE = (
     "Start the engine (as root: `mlserve setup`, or `dockerd &`), point DOCKER_HOST at a running one, "
@@ -55,3 +60,80 @@ def connect(timeout: int = 120) -> docker.DockerClient:
         client = docker.from_env(timeout=timeout)
         client.ping()
     return client
+
+
+def _labels(labels: dict[str, str]) -> list[str]:
+    return [f"{key}={value}" for key, value in labels.items()]
+
+
+class Engine:
+    """The Docker SDK calls mlserve makes, each turned into an MlserveError on failure."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    @classmethod
+    def connect(cls, timeout: int = 120) -> "Engine":
+        return cls(connect(timeout))
+
+    # containers ---------------------------------------------------------------------------
+
+    def run(self, image: str, what: str, **options: Any) -> Container:
+        with engine_errors(f"starting a container for {what}"):
+            return self.client.containers.run(image, detach=True, **options)
+
+    def container(self, container_id: str) -> Container | None:
+        with engine_errors(f"looking up container {container_id[:12]}"):
+            try:
+                return self.client.containers.get(container_id)
+            except docker.errors.NotFound:
+                return None
+
+    def containers(self, labels: dict[str, str]) -> list[Container]:
+        """Containers (running or not) that carry all of ``labels``."""
+        with engine_errors("listing containers"):
+            return self.client.containers.list(all=True, filters={"label": _labels(labels)})
+
+    def stop(self, container: Container, timeout: int) -> None:
+        """Stop (SIGTERM, then SIGKILL after ``timeout``) and remove; a container already gone is fine."""
+        with engine_errors(f"stopping container {container.id[:12]}"):
+            try:
+                container.stop(timeout=timeout)
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+    def restart(self, container: Container, timeout: int) -> None:
+        with engine_errors(f"restarting container {container.id[:12]}"):
+            container.restart(timeout=timeout)
+
+    def logs(self, container: Container, follow: bool, tail: int | None) -> Iterator[bytes]:
+        with engine_errors(f"reading the logs of container {container.id[:12]}"):
+            return container.logs(stream=True, follow=follow, tail="all" if tail is None else tail)
+
+    # images -------------------------------------------------------------------------------
+
+    def image_exists(self, ref: str) -> bool:
+        with engine_errors(f"looking up image {ref}"):
+            try:
+                self.client.images.get(ref)
+                return True
+            except docker.errors.ImageNotFound:
+                return False
+
+    def pull(self, ref: str) -> None:
+        with engine_errors(f"pulling {ref}"):
+            self.client.images.pull(ref)
+
+    def untag(self, ref: str) -> None:
+        """Remove a tag; noprune keeps the parent layers, so the next build still starts from the cache."""
+        with engine_errors(f"removing the image {ref}"):
+            try:
+                self.client.images.remove(ref, noprune=True)
+            except docker.errors.APIError:
+                pass  # gone already, or still used by a container: it stays
+
+    def build(self, **options: Any) -> Iterator[dict[str, Any]]:
+        """Start a build; the decoded progress stream. Errors while streaming stay the caller's to read."""
+        with engine_errors("building the image"):
+            return self.client.api.build(decode=True, **options)

@@ -63,3 +63,9 @@ class JobStartError(MlserveError):
 
 class SetupError(MlserveError):
     exit_code = 9
+
+
+class StateError(MlserveError):
+    """The state database cannot be read as this mlserve knows it (newer, or damaged)."""
+
+    exit_code = 10

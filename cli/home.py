@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlserve.constants import SOCKET_NAME
+from .constants import SOCKET_NAME
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,9 @@ class Home:
 
     @classmethod
     def from_env(cls) -> "Home":
-        root = Path(os.environ.get("MLSERVE_HOME") or Path.home() / ".mlserve").expanduser().absolute()
+        # Resolved: the home's path is matched in nginx's and the supervisor's command lines and in
+        # container labels, so `/tmp/a/../b` and `/tmp/b` must be one home.
+        root = Path(os.environ.get("MLSERVE_HOME") or Path.home() / ".mlserve").expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
 

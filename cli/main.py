@@ -12,10 +12,17 @@ from typing import Any
 
 import click
 
-from mlserve import __version__
-from mlserve.errors import MlserveError, UsageError
-from mlserve.jobs import JobService, RunRequest
-from mlserve.platform import RUNTIMES, Platform
+from . import __version__, daemons
+from .config import load_config
+from .deploy import Deployer, RunRequest
+from .errors import MlserveError, UsageError
+from .instances import Instances
+from .lookup import folder_project, resolve
+from .platform import RUNTIMES, Platform
+from .project import validate_project_name
+from .reconcile import Reconciler
+from .routing import Router
+from .views import status_views
 
 
 class MlserveGroup(click.Group):
@@ -45,12 +52,13 @@ def _platform(quiet: bool = False) -> Platform:
     return Platform(report=_say(quiet))
 
 
-def _service(quiet: bool = False) -> JobService:
-    """The job service of a command; first restores the gateway and supervisor if jobs should be serving."""
-    service = JobService(_platform(quiet))
-    for note in service.revive():
+def _revived(quiet: bool = False) -> Platform:
+    """The platform of a command that works with jobs: first the reconcile step, and the gateway and
+    supervisor restored if jobs should be serving."""
+    platform = _platform(quiet)
+    for note in Reconciler(platform).revive():
         click.echo(f"Notice: {note}", err=True)
-    return service
+    return platform
 
 
 def _emit_json(data: Any) -> None:
@@ -71,7 +79,7 @@ def cli(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite files that exist.")
 def init(name: str | None, template: str, force: bool) -> None:
     """Scaffold app.py, requirements.txt, mlserve.yml and .mlserveignore (in NAME/ or here)."""
-    from mlserve.scaffold import scaffold
+    from .scaffold import scaffold
 
     target = Path(name) if name else Path.cwd()
     for path in scaffold(target, name, template=template, force=force):
@@ -83,8 +91,7 @@ def init(name: str | None, template: str, force: bool) -> None:
 @click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
 def validate(directory: Path) -> None:
     """Check the app in DIRECTORY without building anything."""
-    from mlserve.project import load_config
-    from mlserve.validate import validate_app
+    from .validate import validate_app
 
     load_config(directory)
     report = validate_app(directory)
@@ -114,8 +121,8 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
             f"serve mode takes no command (got {' '.join(command)!r})",
             "uWSGI runs the global `app` of app.py; remove the command.",
         )
-    service = _service(quiet=as_json)
-    deployment = service.run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime))
+    platform = _revived(quiet=as_json)
+    deployment = Deployer(platform).run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime))
     job = deployment.jobs[0]
     if as_json:
         _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],
@@ -126,14 +133,12 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
         click.echo(f"URL to project endpoint: {deployment.project_endpoint}")
         click.echo(f"\nTry: curl -F file=@<your file> {deployment.project_endpoint}")
     if follow:
-        for line in service.logs(job, follow=True, tail=None):
+        for line in platform.runtime(job.runtime).logs(job.id, job.handle, follow=True, tail=None):
             click.echo(line)
 
 
-def _project_or_folder(service: JobService, project: str | None) -> str:
-    from mlserve.project import validate_project_name
-
-    return validate_project_name(project) if project else service.folder_project(Path.cwd())
+def _project_or_folder(project: str | None) -> str:
+    return validate_project_name(project) if project is not None else folder_project(Path.cwd())
 
 
 @cli.command()
@@ -144,12 +149,12 @@ def scale(replicas: int | None, add: int | None, project: str | None) -> None:
     """Make the project have REPLICAS serving jobs (the newest job's image and settings are reused)."""
     if (replicas is None) == (add is None):
         raise UsageError("give either REPLICAS or --add K", "e.g. `mlserve scale 3` or `mlserve scale --add 1`.")
-    service = _service()
-    name = _project_or_folder(service, project)
-    jobs = service.scale(service.platform.owner, name, replicas=replicas, add=add)
-    click.echo(f"{service.platform.owner}/projects/{name}: {len(jobs)} serving job(s)")
+    platform = _revived()
+    name = _project_or_folder(project)
+    jobs = Deployer(platform).scale(platform.owner, name, replicas=replicas, add=add)
+    click.echo(f"{platform.owner}/projects/{name}: {len(jobs)} serving job(s)")
     for job in jobs:
-        click.echo(f"  {job.name}  {service.endpoint(job)}")
+        click.echo(f"  {job.name}  {platform.endpoint(job.id)}")
 
 
 def _ago(seconds: float | None) -> str:
@@ -173,8 +178,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def status(include_stopped: bool, as_json: bool) -> None:
     """List serving jobs with what really runs (alias: ps)."""
-    service = _service(quiet=as_json)
-    views, orphans = service.status(include_stopped)
+    views, unreachable = status_views(_revived(quiet=as_json), include_stopped)
     if as_json:
         _emit_json([v.as_dict() for v in views])
         return
@@ -188,9 +192,8 @@ def status(include_stopped: bool, as_json: bool) -> None:
     for view in views:
         if view.job.reason and (view.status == "failed" or (view.job.active and not view.healthy)):
             click.echo(f"{view.job.name}: {view.job.reason.splitlines()[0]} (`mlserve info {view.job.name}` for more)")
-    for orphan in orphans:
-        click.echo(f"drift: container {orphan.handle[:12]} (job id {orphan.job_id}) has no job in the state; "
-                   "`mlserve stop --all` removes it", err=True)
+    for runtime, why in unreachable.items():
+        click.echo(f"note: {runtime} instances could not be checked: {why}", err=True)
 
 
 cli.add_command(status, "ps")
@@ -201,19 +204,19 @@ cli.add_command(status, "ps")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(job: str, as_json: bool) -> None:
     """Show one job: state, endpoints, settings, and the body limit and timeout in force."""
-    service = _service(quiet=as_json)
-    record = service.resolve(job)
-    views, _ = service.status(include_stopped=True)
+    platform = _revived(quiet=as_json)
+    record = resolve(platform.state, platform.owner, job)
+    views, _ = status_views(platform, include_stopped=True)
     view = next(v for v in views if v.job.id == record.id)
-    gateway = service.platform.gateway.settings
+    gateway, spec = platform.gateway.settings, record.spec
     data = view.as_dict()
     data.update(
-        project_endpoint=service.project_endpoint(record.owner, record.project),
-        workers=record.settings.get("workers"),
-        data=record.settings.get("data"),
+        project_endpoint=platform.project_endpoint(record.project_key),
+        workers=spec.workers,
+        data=[{"source": m.source, "mount": m.mount} for m in spec.mounts],
         limits={
             "gateway": {"body_limit_mb": gateway.body_limit_mb, "timeout_s": gateway.timeout_s},
-            "uwsgi": {"body_limit_mb": record.settings.get("body_limit_mb"), "timeout_s": record.settings.get("timeout_s")},
+            "uwsgi": {"body_limit_mb": spec.body_limit_mb, "timeout_s": spec.timeout_s},
         },
     )
     if as_json:
@@ -240,8 +243,9 @@ def info(job: str, as_json: bool) -> None:
 @click.option("--tail", type=click.IntRange(1), help="Only the last N lines.")
 def logs(job: str, follow: bool, tail: int | None) -> None:
     """Print a job's logs."""
-    service = _service()
-    for line in service.logs(service.resolve(job), follow=follow, tail=tail):
+    platform = _revived()
+    record = resolve(platform.state, platform.owner, job)
+    for line in platform.runtime(record.runtime).logs(record.id, record.handle, follow=follow and record.active, tail=tail):
         click.echo(line)
 
 
@@ -253,18 +257,17 @@ def stop(jobs: tuple[str, ...], project: str | None, stop_all: bool) -> None:
     """Stop jobs gracefully: they leave the rotation, in-flight requests finish."""
     if sum(map(bool, (jobs, project, stop_all))) != 1:
         raise UsageError("name jobs, or --project P, or --all", "e.g. `mlserve stop 5` or `mlserve stop --project style-transfer`.")
-    service = _service()
-    state = service.state
+    platform = _revived()
+    state = platform.state
     if stop_all:
         targets = state.jobs(active_only=True)
-    elif project:
-        name = _project_or_folder(service, project)
-        targets = state.jobs(active_only=True, owner=service.platform.owner, project=name)
+    elif project is not None:
+        targets = state.jobs(active_only=True, owner=platform.owner, project=_project_or_folder(project))
     else:
-        targets = [service.resolve(ref) for ref in jobs]
-    stopped = service.stop(targets)
+        targets = [resolve(state, platform.owner, ref) for ref in jobs]
+    stopped = Instances(platform).stop(targets)
     if stop_all:
-        service.remove_orphans()
+        Reconciler(platform).converge()  # instances no job claims go too
     if not stopped:
         click.echo("Nothing to stop: no such job is running.")
 
@@ -292,7 +295,7 @@ def gateway_start(port: int | None, body_limit: int | None, timeout: int | None)
             if value is not None:
                 platform.state.set_setting(key, str(value))
         try:
-            JobService(platform).apply_routes()
+            Router(platform).apply(start=True)
         except MlserveError:
             for key, value in before.items():  # a gateway that cannot start keeps its old settings
                 if value is None:
@@ -300,40 +303,41 @@ def gateway_start(port: int | None, body_limit: int | None, timeout: int | None)
                 else:
                     platform.state.set_setting(key, value)
             raise
+    daemons.ensure_running(platform.home)
     click.echo(f"Gateway listening on {platform.gateway.url}")
 
 
 @gateway.command("stop")
 def gateway_stop() -> None:
     """Stop the gateway (jobs keep running; endpoints stop answering)."""
-    from mlserve import supervisor
-
     platform = _platform()
-    supervisor.stop(platform.home)  # first, or it would bring the gateway back
-    platform.gateway.stop()
-    click.echo("Gateway stopped.")
+    daemons.stop(platform.home)  # first, or it would bring the gateway back
+    with platform.state.lock():
+        Router(platform).stop_gateway()
+    click.echo("Gateway stopped. `mlserve gateway start` brings it back; until then no command does.")
 
 
 @gateway.command("status")
 @click.option("--json", "as_json", is_flag=True)
 def gateway_status(as_json: bool) -> None:
     """Show whether the gateway runs, where, and how many routes it has."""
-    from mlserve import supervisor
-
     platform = _platform()
     home, status_ = platform.home, platform.gateway.status()
-    watcher, beat = supervisor.pid(home), supervisor.heartbeat_age(home)
+    watcher, beat = daemons.pid(home), daemons.heartbeat(home)
     data = {"running": status_.running, "pid": status_.pid, "url": status_.url, "config": str(status_.config),
-            "routes": status_.routes,
+            "routes": status_.routes, "stopped_by_user": Router(platform).stopped_by_user,
             "supervisor": {"running": watcher is not None, "pid": watcher,
-                           "last_round_s_ago": round(beat, 1) if beat is not None else None}}
+                           "last_round_s_ago": round(beat.age_s, 1) if beat is not None else None,
+                           "last_round_problems": beat.problems if beat is not None else []}}
     if as_json:
         _emit_json(data)
         return
     click.echo(f"gateway: {'running' if status_.running else 'stopped'} (pid {status_.pid}) at {status_.url}, {status_.routes} route(s)")
     if watcher is not None:
-        click.echo(f"supervisor: running (pid {watcher}), last round {beat:.1f}s ago" if beat is not None
+        click.echo(f"supervisor: running (pid {watcher}), last round {beat.age_s:.1f}s ago" if beat is not None
                    else f"supervisor: running (pid {watcher})")
+        for problem in beat.problems if beat is not None else []:
+            click.echo(f"  problem in the last round: {problem}")
     else:
         click.echo("supervisor: not running (any mlserve command that finds jobs serving starts it)")
 
@@ -341,6 +345,6 @@ def gateway_status(as_json: bool) -> None:
 @cli.command()
 def setup() -> None:
     """Install and start what mlserve needs on this machine (Debian, as root): nginx, Docker, a base image."""
-    from mlserve.host import setup as host_setup
+    from .host import setup as host_setup
 
     host_setup(click.echo)

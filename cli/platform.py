@@ -1,4 +1,4 @@
-"""Wiring for one command: the home, the state, the Docker client (made once), runtimes and the gateway."""
+"""Wiring for one command: the home, the state, the Docker engine (connected once), runtimes and the gateway."""
 
 from __future__ import annotations
 
@@ -7,26 +7,30 @@ import os
 from functools import cached_property
 from typing import Callable
 
-import docker
+from .constants import DEFAULT_BODY_LIMIT_MB, DEFAULT_GATEWAY_HOST, DEFAULT_GATEWAY_PORT, DEFAULT_TIMEOUT_S
+from .engine import Engine
+from .errors import EngineUnavailableError, UsageError
+from .gateway import Gateway, GatewaySettings
+from .home import Home
+from .project import validate_owner
+from .runtimes import Runtime
+from .runtimes.docker import DockerRuntime
+from .runtimes.local import LocalRuntime
+from .state import StateStore
 
-from mlserve import engine
-from mlserve.constants import DEFAULT_BODY_LIMIT_MB, DEFAULT_GATEWAY_HOST, DEFAULT_GATEWAY_PORT, DEFAULT_TIMEOUT_S
-from mlserve.errors import EngineUnavailableError, UsageError
-from mlserve.gateway import Gateway, GatewaySettings
-from mlserve.home import Home
-from mlserve.project import validate_owner
-from mlserve.runtimes import Runtime
-from mlserve.runtimes.docker import DockerRuntime
-from mlserve.runtimes.local import LocalRuntime
-from mlserve.state import StateStore
-
-RUNTIMES = ("docker", "local")
+# Each runtime is made from the platform; the core only ever names one by its job's spec.
+RUNTIME_FACTORIES: dict[str, Callable[["Platform"], Runtime]] = {
+    "docker": lambda platform: DockerRuntime(platform.engine, platform.home),
+    "local": lambda platform: LocalRuntime(platform.home),
+}
+RUNTIMES = tuple(RUNTIME_FACTORIES)
 
 
 class Platform:
     def __init__(self, home: Home | None = None, report: Callable[[str], None] = print) -> None:
         self.home = home or Home.from_env()
         self.report = report
+        self._runtimes: dict[str, Runtime] = {}
 
     @cached_property
     def state(self) -> StateStore:
@@ -36,29 +40,30 @@ class Platform:
     def owner(self) -> str:
         return validate_owner(os.environ.get("MLSERVE_OWNER") or getpass.getuser())
 
-    @property
-    def home_label(self) -> str:
-        return str(self.home.root)
-
     @cached_property
-    def docker(self) -> docker.DockerClient:
-        return engine.connect()
+    def engine(self) -> Engine:
+        return Engine.connect()
+
+    def reconnect(self) -> None:
+        """Forget the engine connection (it may be restarting); the next use connects again."""
+        self.__dict__.pop("engine", None)
+        self._runtimes.clear()
 
     def runtime(self, name: str) -> Runtime:
-        if name == "docker":
-            return DockerRuntime(self.docker, self.home_label)
-        if name == "local":
-            return LocalRuntime(self.home)
-        raise UsageError(f"unknown runtime {name!r}", f"Use one of: {', '.join(RUNTIMES)}.")
+        if name not in self._runtimes:
+            factory = RUNTIME_FACTORIES.get(name)
+            if factory is None:
+                raise UsageError(f"unknown runtime {name!r}", f"Use one of: {', '.join(RUNTIMES)}.")
+            self._runtimes[name] = factory(self)
+        return self._runtimes[name]
 
     def choose_runtime(self, requested: str | None) -> str:
         """``--runtime``, or Docker when an engine answers and local otherwise (with a one-line notice)."""
         if requested:
-            if requested == "docker":
-                self.docker  # fail now, before anything is built
+            self.runtime(requested)  # an engine that does not answer fails now, before anything is built
             return requested
         try:
-            self.docker
+            self.runtime("docker")
             return "docker"
         except EngineUnavailableError as exc:
             self.report(f"Notice: {exc.message}; serving with --runtime local instead.")
@@ -81,3 +86,11 @@ class Platform:
     @cached_property
     def gateway(self) -> Gateway:
         return Gateway(self.home, self.gateway_settings())
+
+    def endpoint(self, job_id: str) -> str:
+        """A job's unique endpoint."""
+        return f"{self.gateway.url}/serve/{job_id}"
+
+    def project_endpoint(self, project_key: str) -> str:
+        """The project's endpoint (``owner/projects/project``), round-robin over its healthy jobs."""
+        return f"{self.gateway.url}/serve/{project_key}"

@@ -1,8 +1,10 @@
 """The record of what should run: a versioned SQLite schema and all of mlserve's SQL.
 
-Mutating commands hold ``StateStore.lock()`` (a file lock beside the database) for their
-whole read-decide-write sequence, so concurrent ``mlserve`` calls never double-assign a job
-number or lose an update.
+Mutating commands hold ``StateStore.lock()`` (a file lock beside the database) while they read,
+decide and write the record, so concurrent ``mlserve`` calls never double-assign a job number
+or lose an update. The lock guards records only: nobody holds it across a build, a health wait
+or a drain. A job in a passing state (starting, stopping) names its ``actor``, the command
+process moving it, so that the reconcile step can finish or undo what a killed command left.
 """
 
 from __future__ import annotations
@@ -11,15 +13,30 @@ import json
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Union
 
 from filelock import FileLock
 
-from mlserve.home import Home
+from .errors import StateError
+from .home import Home
+from .spec import SPEC_VERSION, JobSpec, upgrade_v1
+
+
+def _upgrade_job_specs(db: sqlite3.Connection) -> None:
+    """Version-1 rows kept an unchecked settings dict: check it into a version-2 spec."""
+    rows = db.execute("SELECT id, settings, reason FROM jobs WHERE spec_version = 1").fetchall()
+    for job_id, settings, reason in rows:
+        spec, notes = upgrade_v1(json.loads(settings))
+        if notes:
+            reason = "; ".join(filter(None, [reason, "settings upgraded: " + ", ".join(notes)]))
+        db.execute("UPDATE jobs SET settings = ?, spec_version = 2, reason = ? WHERE id = ?", (spec, reason, job_id))
+
+
+Migration = Union[str, Callable[[sqlite3.Connection], None]]
 
 # Each entry upgrades the schema by one version; never edit a released entry, append one.
-MIGRATIONS: list[str] = [
+MIGRATIONS: list[Migration] = [
     """
     CREATE TABLE jobs (
         id          TEXT PRIMARY KEY,          -- endpoint id, 22 chars base62
@@ -50,6 +67,11 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN spec_version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN actor TEXT;  -- pid:start-time of the command in a passing state
+    """,
+    _upgrade_job_specs,
 ]
 
 ACTIVE_STATES = ("starting", "running", "stopping")
@@ -61,17 +83,20 @@ class Job:
     owner: str
     project: str
     number: int
-    runtime: str
-    image: str
     state: str
     healthy: bool
     handle: str | None
-    settings: dict[str, Any] = field(default_factory=dict)
+    spec: JobSpec
     reason: str | None = None
     restarts: int = 0
     created_at: float = 0.0
     started_at: float | None = None
     stopped_at: float | None = None
+    actor: str | None = None
+
+    @property
+    def runtime(self) -> str:
+        return self.spec.runtime
 
     @property
     def project_key(self) -> str:
@@ -88,8 +113,10 @@ class Job:
 
 def _row_to_job(row: sqlite3.Row) -> Job:
     data = dict(row)
+    for column in ("runtime", "image", "spec_version"):
+        data.pop(column)  # the spec says these; the columns are there for queries
     data["healthy"] = bool(data["healthy"])
-    data["settings"] = json.loads(data["settings"])
+    data["spec"] = JobSpec.from_json(data.pop("settings"))
     return Job(**data)
 
 
@@ -128,12 +155,24 @@ class StateStore:
         return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self) -> None:
+        """Upgrade an older database in place; refuse one written by a newer mlserve."""
+        if self.schema_version == len(MIGRATIONS):
+            return
         with self._lock, self._tx() as db:
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+            if version > len(MIGRATIONS):
+                raise StateError(
+                    f"{self.home.db} was written by a newer mlserve (schema {version}; this one knows up to "
+                    f"{len(MIGRATIONS)}), so it is left untouched",
+                    "Upgrade mlserve, or point MLSERVE_HOME at another folder.",
+                )
+            for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+                if callable(step):
+                    step(db)
+                else:
+                    for statement in step.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
 
     # jobs -----------------------------------------------------------------
@@ -155,16 +194,16 @@ class StateStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (id, owner, project, number, runtime, image, state, healthy, handle,"
-                " settings, reason, restarts, created_at, started_at, stopped_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " settings, spec_version, reason, restarts, created_at, started_at, stopped_at, actor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    job.id, job.owner, job.project, job.number, job.runtime, job.image, job.state,
-                    int(job.healthy), job.handle, json.dumps(job.settings, sort_keys=True), job.reason,
-                    job.restarts, job.created_at or time.time(), job.started_at, job.stopped_at,
+                    job.id, job.owner, job.project, job.number, job.spec.runtime, job.spec.artifact.ref, job.state,
+                    int(job.healthy), job.handle, job.spec.to_json(), SPEC_VERSION, job.reason,
+                    job.restarts, job.created_at or time.time(), job.started_at, job.stopped_at, job.actor,
                 ),
             )
 
-    _UPDATABLE = {"state", "healthy", "handle", "reason", "restarts", "started_at", "stopped_at", "image"}
+    _UPDATABLE = {"state", "healthy", "handle", "reason", "restarts", "started_at", "stopped_at", "actor"}
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         unknown = set(fields) - self._UPDATABLE
@@ -199,6 +238,12 @@ class StateStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._conn.execute(f"SELECT * FROM jobs {where} ORDER BY created_at, number", params)
         return [_row_to_job(row) for row in rows]
+
+    def artifacts_in_use(self) -> set[str]:
+        """Artifact refs (image tags, snapshots) of active jobs: what must not be discarded."""
+        placeholders = ", ".join("?" * len(ACTIVE_STATES))
+        rows = self._conn.execute(f"SELECT DISTINCT image FROM jobs WHERE state IN ({placeholders})", ACTIVE_STATES)
+        return {row[0] for row in rows}
 
     def projects(self) -> list[str]:
         """Every project with a job on record (running or not), as owner/projects/project."""

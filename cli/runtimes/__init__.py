@@ -1,18 +1,60 @@
-"""Runtimes start, stop and observe serving instances: in Docker containers, or as host processes."""
+"""Runtimes build, start, stop and observe serving instances: in Docker containers, or as host processes.
+
+Everything that differs between them lives behind ``Runtime``: how the app is built, where an
+instance sees its folders, how its logs are kept, how a build is thrown away. The core that
+runs, scales and stops jobs never asks which runtime it has.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
-from mlserve.constants import SOCKET_NAME
+from ..config import Limits
+from ..constants import SOCKET_NAME, UWSGI_INI_NAME
+from ..render import render
+from ..spec import Artifact, DataMount
+
+__all__ = ["Artifact", "BuildRequest", "Built", "DataMount", "InstanceSpec", "InstanceState", "InstanceView",
+           "Runtime", "UwsgiSettings", "write_uwsgi_ini"]
 
 
 @dataclass(frozen=True)
-class DataMount:
-    source: str
-    mount: str
+class BuildRequest:
+    """What to build: the project folder and how its environment is made."""
+
+    project_dir: Path
+    slug: str  # owner-project: names the image repository or the venv
+    project_key: str  # owner/projects/project
+    env: str | None  # --env: a named environment or an image reference
+    requirements: str | None  # relative to project_dir, when there is one
+    ca_bundle: str | None  # --ca-bundle
+    report: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Built:
+    artifact: Artifact
+    summary: dict[str, Any]  # what `run --json` shows under "build"
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """Where an instance sees its folders (inside a container they are mounted elsewhere)."""
+
+    run_dir: str
+    output_dir: str
+    app_dir: str
+    mounts: tuple[DataMount, ...]
+
+
+@dataclass(frozen=True)
+class UwsgiSettings:
+    workers: int
+    timeout_s: int
+    body_limit_bytes: int
+    preload: bool
 
 
 @dataclass(frozen=True)
@@ -22,14 +64,13 @@ class InstanceSpec:
     job_id: str
     name: str  # owner/projects/project/N
     project_key: str
-    image: str  # docker image tag, or the local app snapshot dir
+    artifact: Artifact
     run_dir: Path  # host dir: socket, uwsgi.ini, manifest
     output_dir: Path
-    uwsgi: dict  # ini variables common to both runtimes (workers, timeout_s, body_limit_bytes, preload)
+    uwsgi: UwsgiSettings
     env: dict[str, str] = field(default_factory=dict)
-    data: tuple[DataMount, ...] = ()
-    limits: dict = field(default_factory=dict)
-    venv: str | None = None  # local runtime only
+    mounts: tuple[DataMount, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def socket(self) -> Path:
@@ -45,25 +86,41 @@ class InstanceState:
     running: bool
     status: str  # e.g. running, exited (code 1), gone
     started_at: float | None = None
+    runtime: str = ""  # which runtime found it (set by the reconcile step)
 
 
 class Runtime(Protocol):
     name: str
 
+    def build(self, request: BuildRequest) -> Built:
+        """Make the artifact instances start from. Raises BuildError (and nothing is left behind)."""
+
+    def discard(self, artifact: Artifact) -> None:
+        """Throw away an artifact no job runs any more (build caches may stay)."""
+
+    def has(self, artifact: Artifact) -> bool:
+        """Whether the artifact is still there to start from."""
+
+    def view(self, artifact: Artifact, run_dir: Path, output_dir: Path, mounts: tuple[DataMount, ...]) -> InstanceView:
+        """The instance's own paths for these host folders."""
+
+    def prepare(self, *writable: Path) -> None:
+        """Make host folders writable by the instance's user."""
+
     def start(self, spec: InstanceSpec) -> str:
         """Start the instance, return its handle (container id or pid)."""
 
     def stop(self, job_id: str, handle: str | None, timeout: int) -> None:
-        """Stop gracefully (SIGTERM, in-flight requests finish), then remove what was started."""
+        """Stop gracefully (SIGTERM, in-flight requests finish), then remove what was started; keeps its log."""
 
     def inspect(self, job_id: str, handle: str | None) -> InstanceState:
         """What runs for this job now."""
 
     def instances(self) -> list[InstanceState]:
-        """Every instance this runtime knows of under this MLSERVE_HOME (for drift)."""
+        """Every instance this runtime knows of under this MLSERVE_HOME, found by its labels."""
 
     def logs(self, job_id: str, handle: str | None, follow: bool, tail: int | None) -> Iterator[str]:
-        """The instance's output lines."""
+        """The instance's output lines (after it was stopped: the kept log)."""
 
     def restart(self, spec: InstanceSpec, handle: str | None) -> str:
         """Bring a dead or sick instance back (the same one when it still exists); return its handle."""
@@ -71,17 +128,16 @@ class Runtime(Protocol):
 
 def write_uwsgi_ini(spec: InstanceSpec, *, socket: str, app_dir: str, venv: str) -> Path:
     """Render templates/uwsgi.ini.j2 into the job's run dir, with paths as the instance sees them."""
-    from mlserve.constants import UWSGI_INI_NAME
-    from mlserve.render import render
-
     text = render(
         "uwsgi.ini.j2",
         socket=socket,
         app_dir=app_dir,
         venv=venv,
-        python=f"{venv}/bin/python",
         env={},
-        **spec.uwsgi,
+        workers=spec.uwsgi.workers,
+        timeout_s=spec.uwsgi.timeout_s,
+        body_limit_bytes=spec.uwsgi.body_limit_bytes,
+        preload=spec.uwsgi.preload,
     )
     path = spec.run_dir / UWSGI_INI_NAME
     path.write_text(text)

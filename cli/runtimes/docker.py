@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
+from pathlib import Path
 from typing import Iterator
 
-import docker
-import docker.errors
+from docker.models.containers import Container
 
-from mlserve.constants import (
+from ..builder import ImageBuilder, find_ca_bundle, resolve_base_image
+from ..constants import (
     CONTAINER_UID,
+    DEFAULT_ENV,
     INSTANCE_APP_DIR,
+    INSTANCE_LOG_NAME,
     INSTANCE_OUTPUT_DIR,
     INSTANCE_RUN_DIR,
     INSTANCE_VENV,
@@ -21,10 +25,11 @@ from mlserve.constants import (
     SOCKET_DIR,
     SOCKET_NAME,
 )
-from mlserve.engine import engine_errors
-from mlserve.runtimes import InstanceSpec, InstanceState, write_uwsgi_ini
+from ..engine import Engine
+from ..home import Home
+from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
 
-DEFAULT_LIMITS = {"memory": "2g", "cpus": 2.0, "pids": 512, "tmp": "256m"}
+KEPT_LOG_LINES = 1000  # of a stopped container, kept in its run dir for `mlserve logs`
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -38,9 +43,42 @@ def _parse_time(value: str | None) -> float | None:
 class DockerRuntime:
     name = "docker"
 
-    def __init__(self, client: docker.DockerClient, home_label: str) -> None:
-        self.client = client
-        self.home_label = home_label
+    def __init__(self, engine: Engine, home: Home) -> None:
+        self.engine = engine
+        self.home = home
+        self.home_label = str(home.root)
+
+    # building -------------------------------------------------------------------------------
+
+    def build(self, request: BuildRequest) -> Built:
+        base = resolve_base_image(self.engine, request.env or DEFAULT_ENV, request.report)
+        builder = ImageBuilder(self.engine, self.home_label, request.report)
+        request.report(f"Building image mlserve/{request.slug} on {base} ...")
+        result = builder.build(request.project_dir, f"mlserve/{request.slug}", base, request.requirements,
+                               find_ca_bundle(request.ca_bundle), request.project_key)
+        request.report(f"Built {result.tag} in {result.seconds:.1f}s ({result.cached}/{result.steps} steps cached)")
+        summary = {"image": result.tag, "seconds": round(result.seconds, 2), "steps": result.steps,
+                   "cached": result.cached, "context_bytes": result.context_bytes}
+        return Built(Artifact(result.tag), summary)
+
+    def discard(self, artifact: Artifact) -> None:
+        self.engine.untag(artifact.ref)
+
+    def has(self, artifact: Artifact) -> bool:
+        return self.engine.image_exists(artifact.ref)
+
+    def view(self, artifact: Artifact, run_dir: Path, output_dir: Path, mounts: tuple[DataMount, ...]) -> InstanceView:
+        return InstanceView(INSTANCE_RUN_DIR, INSTANCE_OUTPUT_DIR, INSTANCE_APP_DIR, mounts)
+
+    def prepare(self, *writable: Path) -> None:
+        # The instance runs as an unprivileged uid and must create its socket and files here.
+        for path in writable:
+            if os.geteuid() == 0:
+                os.chown(path, CONTAINER_UID, CONTAINER_UID)
+            else:
+                path.chmod(0o777)
+
+    # instances ------------------------------------------------------------------------------
 
     def _container_name(self, spec: InstanceSpec) -> str:
         owner, _, project, number = spec.name.split("/")
@@ -48,72 +86,70 @@ class DockerRuntime:
 
     def start(self, spec: InstanceSpec) -> str:
         write_uwsgi_ini(spec, socket=f"{INSTANCE_RUN_DIR}/{SOCKET_NAME}", app_dir=INSTANCE_APP_DIR, venv=INSTANCE_VENV)
-        limits = {**DEFAULT_LIMITS, **{k: v for k, v in spec.limits.items() if v is not None}}
         volumes = {
             # Read-only but for the socket's folder: the instance cannot rewrite its own configuration.
             str(spec.run_dir): {"bind": INSTANCE_RUN_DIR, "mode": "ro"},
             str(spec.socket.parent): {"bind": f"{INSTANCE_RUN_DIR}/{SOCKET_DIR}", "mode": "rw"},
             str(spec.output_dir): {"bind": INSTANCE_OUTPUT_DIR, "mode": "rw"},
         }
-        for mount in spec.data:
+        for mount in spec.mounts:
             volumes[mount.source] = {"bind": mount.mount, "mode": "ro"}
-        with engine_errors(f"starting a container for {spec.name}"):
-            container = self.client.containers.run(
-                spec.image,
-                name=self._container_name(spec),
-                detach=True,
-                labels={
-                    LABEL_HOME: self.home_label,
-                    LABEL_JOB: spec.job_id,
-                    LABEL_NAME: spec.name,
-                    LABEL_PROJECT: spec.project_key,
-                },
-                environment=spec.env,
-                volumes=volumes,
-                user=f"{CONTAINER_UID}:{CONTAINER_UID}",
-                read_only=True,
-                tmpfs={"/tmp": f"rw,size={limits['tmp']},mode=1777"},
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                mem_limit=limits["memory"],
-                nano_cpus=int(float(limits["cpus"]) * 1e9),
-                pids_limit=int(limits["pids"]),
-                log_config={"type": "json-file", "config": {"max-size": "20m", "max-file": "3"}},
-            )
-        return container.id
+        limits = spec.limits
+        container = self.engine.run(
+            spec.artifact.ref,
+            spec.name,
+            name=self._container_name(spec),
+            labels={
+                LABEL_HOME: self.home_label,
+                LABEL_JOB: spec.job_id,
+                LABEL_NAME: spec.name,
+                LABEL_PROJECT: spec.project_key,
+            },
+            environment=spec.env,
+            volumes=volumes,
+            user=f"{CONTAINER_UID}:{CONTAINER_UID}",
+            read_only=True,
+            tmpfs={"/tmp": f"rw,size={limits.tmp_bytes},mode=1777"},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            mem_limit=limits.memory_bytes,
+            nano_cpus=int(limits.cpus * 1e9),
+            pids_limit=limits.pids,
+            log_config={"type": "json-file", "config": {"max-size": "20m", "max-file": "3"}},
+        )
+        return str(container.id)
 
     def restart(self, spec: InstanceSpec, handle: str | None) -> str:
         container = self._get(spec.job_id, handle)
         if container is None:
             return self.start(spec)
-        with engine_errors(f"restarting the container of {spec.name}"):
-            container.restart(timeout=5)
-        return container.id
+        self.engine.restart(container, timeout=5)
+        return str(container.id)
 
-    def _get(self, job_id: str, handle: str | None):  # -> Container | None
-        with engine_errors(f"looking up the container of job {job_id}"):
-            if handle:
-                try:
-                    return self.client.containers.get(handle)
-                except docker.errors.NotFound:
-                    pass
-            found = self.client.containers.list(
-                all=True, filters={"label": [f"{LABEL_HOME}={self.home_label}", f"{LABEL_JOB}={job_id}"]}
-            )
-            return found[0] if found else None
+    def _get(self, job_id: str, handle: str | None) -> Container | None:
+        container = self.engine.container(handle) if handle else None
+        if container is None:
+            found = self.engine.containers({LABEL_HOME: self.home_label, LABEL_JOB: job_id})
+            container = found[0] if found else None
+        return container
 
     def stop(self, job_id: str, handle: str | None, timeout: int) -> None:
         container = self._get(job_id, handle)
         if container is None:
             return
-        with engine_errors(f"stopping the container of job {job_id}"):
-            try:
-                container.stop(timeout=timeout)
-                container.remove(force=True)
-            except docker.errors.NotFound:
-                pass
+        self._keep_log(job_id, container)
+        self.engine.stop(container, timeout=timeout)
 
-    def _state(self, container) -> InstanceState:
+    def _keep_log(self, job_id: str, container: Container) -> None:
+        # The container is removed on stop; its last lines stay readable by `mlserve logs`.
+        try:
+            with open(self.home.run_dir(job_id) / INSTANCE_LOG_NAME, "w") as kept:
+                for line in _lines(self.engine.logs(container, follow=False, tail=KEPT_LOG_LINES)):
+                    kept.write(line + "\n")
+        except OSError:
+            pass
+
+    def _state(self, container: Container) -> InstanceState:
         state = container.attrs.get("State", {})
         running = bool(state.get("Running"))
         if running:
@@ -124,7 +160,7 @@ class DockerRuntime:
                 status += ", out of memory"
         return InstanceState(
             job_id=container.labels.get(LABEL_JOB, ""),
-            handle=container.id,
+            handle=str(container.id),
             running=running,
             status=status,
             started_at=_parse_time(state.get("StartedAt")),
@@ -137,17 +173,21 @@ class DockerRuntime:
         return self._state(container)
 
     def instances(self) -> list[InstanceState]:
-        with engine_errors("listing containers"):
-            containers = self.client.containers.list(all=True, filters={"label": f"{LABEL_HOME}={self.home_label}"})
+        containers = self.engine.containers({LABEL_HOME: self.home_label})
         return [self._state(c) for c in containers if c.labels.get(LABEL_JOB)]
 
     def logs(self, job_id: str, handle: str | None, follow: bool, tail: int | None) -> Iterator[str]:
         container = self._get(job_id, handle)
         if container is None:
-            return iter(())
-        with engine_errors(f"reading the logs of job {job_id}"):
-            stream = container.logs(stream=True, follow=follow, tail="all" if tail is None else tail)
-        return _lines(stream)
+            yield from _kept_log(self.home.run_dir(job_id) / INSTANCE_LOG_NAME, tail)
+            return
+        yield from _lines(self.engine.logs(container, follow=follow, tail=tail))
+
+
+def _kept_log(path: Path, tail: int | None) -> Iterator[str]:
+    if path.exists():
+        lines = path.read_text(errors="replace").splitlines()
+        yield from lines[-tail:] if tail else lines
 
 
 def _lines(stream: Iterator[bytes]) -> Iterator[str]:

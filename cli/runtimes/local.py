@@ -14,13 +14,13 @@ from typing import Callable, Iterator
 
 from filelock import FileLock
 
-from mlserve.builder import runtime_packages, runtime_sources
-from mlserve.errors import BuildError
-from mlserve.home import Home
-from mlserve.project import context_files
-from mlserve.runtimes import InstanceSpec, InstanceState, write_uwsgi_ini
+from ..builder import runtime_packages, runtime_sources
+from ..constants import INSTANCE_LOG_NAME, UWSGI_INI_NAME
+from ..errors import BuildError
+from ..home import Home
+from ..project import context_files
+from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
 
-LOG_NAME = "instance.log"
 TAIL_LINES = 25
 
 
@@ -112,15 +112,41 @@ class LocalRuntime:
     def __init__(self, home: Home) -> None:
         self.home = home
 
+    def build(self, request: BuildRequest) -> Built:
+        started = time.monotonic()
+        if request.env:
+            request.report("Notice: --env is ignored by --runtime local (it uses this machine's python3).")
+        snapshot, venv = LocalBuilder(self.home, request.report).prepare(
+            request.project_dir, request.slug, request.requirements
+        )
+        return Built(Artifact(snapshot, venv), {"image": snapshot, "seconds": round(time.monotonic() - started, 2)})
+
+    def discard(self, artifact: Artifact) -> None:
+        # The venv is shared by every snapshot with the same requirements: it stays as the cache.
+        shutil.rmtree(artifact.ref, ignore_errors=True)
+
+    def has(self, artifact: Artifact) -> bool:
+        return Path(artifact.ref).is_dir() and bool(artifact.venv) and Path(f"{artifact.venv}/bin/uwsgi").exists()
+
+    def view(self, artifact: Artifact, run_dir: Path, output_dir: Path, mounts: tuple[DataMount, ...]) -> InstanceView:
+        # A host process sees the host's paths: data is read where it lies.
+        return InstanceView(str(run_dir), str(output_dir), artifact.ref,
+                            tuple(DataMount(m.source, m.source) for m in mounts))
+
+    def prepare(self, *writable: Path) -> None:
+        pass  # the instance runs as the caller, who owns these folders
+
     def start(self, spec: InstanceSpec) -> str:
-        assert spec.venv, "local instances need a venv"
-        ini = write_uwsgi_ini(spec, socket=str(spec.socket), app_dir=spec.image, venv=spec.venv)
+        venv = spec.artifact.venv
+        if not venv:
+            raise BuildError(f"{spec.name} has no virtual environment to run in", "Run it again with `mlserve run`.")
+        ini = write_uwsgi_ini(spec, socket=str(spec.socket), app_dir=spec.artifact.ref, venv=venv)
         env = {**os.environ, **spec.env, "PYTHONDONTWRITEBYTECODE": "1"}
-        with open(spec.run_dir / LOG_NAME, "ab") as log:
+        with open(spec.run_dir / INSTANCE_LOG_NAME, "ab") as log:
             process = subprocess.Popen(
-                [f"{spec.venv}/bin/uwsgi", "--ini", str(ini)],
+                [f"{venv}/bin/uwsgi", "--ini", str(ini)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=spec.image, start_new_session=True,
+                env=env, cwd=spec.artifact.ref, start_new_session=True,
             )
         return str(process.pid)
 
@@ -129,7 +155,7 @@ class LocalRuntime:
         return self.start(spec)
 
     def _ini(self, job_id: str) -> Path:
-        return self.home.run_dir(job_id) / "uwsgi.ini"
+        return self.home.run_dir(job_id) / UWSGI_INI_NAME
 
     def stop(self, job_id: str, handle: str | None, timeout: int) -> None:
         if not handle or not _alive(int(handle), self._ini(job_id)):
@@ -149,10 +175,26 @@ class LocalRuntime:
         return InstanceState(job_id, handle or "", running, "running" if running else "gone (process exited)")
 
     def instances(self) -> list[InstanceState]:
-        return []  # local instances are found through their job's pid; no labels to search
+        """uWSGI masters started for this home, found by the ini path in their command line (the local
+        runtime's labels): ``<home>/run/<job id>/uwsgi.ini``. Workers share it; their parent is a master."""
+        prefix, suffix = f"{self.home.root / 'run'}/".encode(), f"/{UWSGI_INI_NAME}".encode()
+        matching: dict[int, tuple[str, int]] = {}  # pid -> (job id, parent pid)
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            ini = next((arg for arg in argv if arg.startswith(prefix) and arg.endswith(suffix)), None)
+            if ini is not None:
+                matching[int(proc.name)] = (ini[len(prefix):].split(b"/")[0].decode(errors="replace"), parent)
+        return [InstanceState(job_id, str(pid), True, "running")
+                for pid, (job_id, parent) in matching.items() if parent not in matching]
 
     def logs(self, job_id: str, handle: str | None, follow: bool, tail: int | None) -> Iterator[str]:
-        path = self.home.run_dir(job_id) / LOG_NAME
+        path = self.home.run_dir(job_id) / INSTANCE_LOG_NAME
         if not path.exists():
             return
         with open(path, "r", errors="replace") as handle_:

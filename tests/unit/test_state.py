@@ -6,12 +6,13 @@ import multiprocessing
 import sqlite3
 
 from mlserve.home import Home
+from mlserve.spec import Artifact, JobSpec
 from mlserve.state import MIGRATIONS, Job, StateStore
 
 
 def _job(job_id: str, number: int, state: str = "running") -> Job:
-    return Job(id=job_id, owner="alice", project="p", number=number, runtime="docker", image="img:1",
-               state=state, healthy=True, handle="c1", settings={"workers": 2})
+    spec = JobSpec(runtime="docker", artifact=Artifact("img:1"), project_dir="/p", workers=2)
+    return Job(id=job_id, owner="alice", project="p", number=number, state=state, healthy=True, handle="c1", spec=spec)
 
 
 def test_fresh_database_is_at_the_latest_schema(tmp_path):
@@ -28,7 +29,7 @@ def test_jobs_round_trip_and_filters(tmp_path):
     store.update_job("a" * 22, healthy=False, reason="probe failed")
     job = store.get_job("a" * 22)
     assert job is not None and job.healthy is False and job.reason == "probe failed"
-    assert job.settings == {"workers": 2} and job.name == "alice/projects/p/1"
+    assert job.spec.workers == 2 and job.spec.artifact.ref == "img:1" and job.name == "alice/projects/p/1"
     assert [j.number for j in store.jobs()] == [1, 2]
     assert [j.number for j in store.jobs(active_only=True)] == [1]
     assert store.jobs(project="other") == []

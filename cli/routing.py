@@ -1,0 +1,48 @@
+"""Who takes traffic: the gateway's routes, derived from the record of jobs and applied to nginx.
+
+Callers hold the state lock while they change the record and apply the routes that follow from
+it, so two commands never render the gateway from two different pictures.
+"""
+
+from __future__ import annotations
+
+from .gateway import Route
+from .platform import Platform
+
+STOPPED_BY_USER = "gateway.stopped"  # set by `gateway stop`: nothing brings the gateway back but `gateway start`
+
+
+class Router:
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self.state = platform.state
+
+    def routes(self) -> list[Route]:
+        """Active jobs as the gateway routes them: only healthy running ones take traffic."""
+        return [
+            Route(job.id, job.name, job.project_key, str(self.platform.home.socket(job.id)),
+                  job.healthy and job.state == "running")
+            for job in self.state.jobs(active_only=True)
+            if job.state != "stopping"
+        ]
+
+    @property
+    def stopped_by_user(self) -> bool:
+        return self.state.get_setting(STOPPED_BY_USER) is not None
+
+    def apply(self, start: bool = False) -> None:
+        """Render the gateway from the record: reload it when it runs; start it when ``start`` (a command
+        that serves) or when it died while jobs serve and the user did not stop it.
+
+        Raises GatewayError (and its subclasses) with nginx's words.
+        """
+        gateway = self.platform.gateway
+        if start:
+            self.state.delete_setting(STOPPED_BY_USER)
+        if gateway.is_running() or start or (not self.stopped_by_user and self.state.jobs(active_only=True)):
+            gateway.apply(self.routes(), self.state.projects())
+
+    def stop_gateway(self) -> bool:
+        """Stop nginx and remember that the user wants it stopped; False when it was not running."""
+        self.state.set_setting(STOPPED_BY_USER, "1")
+        return self.platform.gateway.stop()

@@ -1,0 +1,81 @@
+"""Jobs as `status` and `info` show them: the record, corrected by what really runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .platform import Platform
+from .reconcile import Observation, Reconciler
+from .runtimes import InstanceState
+from .state import Job
+
+
+@dataclass(frozen=True)
+class JobView:
+    job: Job
+    status: str
+    healthy: bool
+    uptime: float | None
+    endpoint: str
+
+    @classmethod
+    def of(cls, job: Job, instance: InstanceState | None, endpoint: str) -> "JobView":
+        if not job.active:
+            return cls(job, job.state, False, None, endpoint)
+        if instance is not None and not instance.running:
+            # Drift: the record says it runs, the runtime says it does not.
+            return cls(job, instance.status, False, None, endpoint)
+        uptime = time.time() - job.started_at if job.started_at else None
+        return cls(job, job.state, job.healthy and job.state == "running", uptime, endpoint)
+
+    @property
+    def expires_in(self) -> float | None:
+        """Seconds until the job's maximum runtime is over (None: no limit, or not running)."""
+        limit = self.job.spec.max_runtime_s
+        if not limit or self.uptime is None:
+            return None
+        return max(0.0, limit - self.uptime)
+
+    def as_dict(self) -> dict[str, Any]:
+        job = self.job
+        return {
+            "job": job.name,
+            "id": job.id,
+            "owner": job.owner,
+            "project": job.project,
+            "number": job.number,
+            "state": self.status,
+            "healthy": self.healthy,
+            "runtime": job.runtime,
+            "image": job.spec.artifact.ref,
+            "created": job.created_at,
+            "uptime": round(self.uptime, 1) if self.uptime is not None else None,
+            "endpoint": self.endpoint,
+            "restarts": job.restarts,
+            "reason": job.reason,
+            "expires_in": round(self.expires_in) if self.expires_in is not None else None,
+        }
+
+
+def job_views(jobs: list[Job], seen: Observation, endpoint: Any) -> list[JobView]:
+    """Each job joined with its instance as observed; a runtime that could not be asked says so."""
+    views = []
+    for job in jobs:
+        instance = None
+        if job.active:
+            if job.runtime in seen.unreachable:
+                instance = InstanceState(job.id, "", False, "unknown (engine unreachable)")
+            else:
+                instance = seen.instances.get(job.id) or InstanceState(job.id, "", False, "gone (no instance)")
+        views.append(JobView.of(job, instance, endpoint(job.id)))
+    return views
+
+
+def status_views(platform: Platform, include_stopped: bool) -> tuple[list[JobView], dict[str, str]]:
+    """Jobs (active, or all) as observed now, and the runtimes their instances could not be asked of."""
+    seen = Reconciler(platform).observe()
+    jobs = platform.state.jobs(active_only=not include_stopped)
+    used = {job.runtime for job in jobs if job.active}
+    return job_views(jobs, seen, platform.endpoint), {k: v for k, v in seen.unreachable.items() if k in used}
