@@ -1,3 +1,3 @@
-from mlserve.main import cli
+from .main import cli
 
 cli()

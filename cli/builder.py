@@ -12,12 +12,9 @@ import time
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
-import docker
-import docker.errors
-
-from mlserve.constants import (
+from .constants import (
     CONTAINER_UID,
     ENVIRONMENTS,
     INSTANCE_APP_DIR,
@@ -27,10 +24,10 @@ from mlserve.constants import (
     LABEL_PROJECT,
     LOCAL_BASE_IMAGE,
 )
-from mlserve.engine import engine_errors
-from mlserve.errors import BuildError, BuildInterrupted
-from mlserve.project import context_files, context_size
-from mlserve.render import render
+from .engine import Engine, engine_errors
+from .errors import BuildError, BuildInterrupted
+from .project import context_files, context_size, linked_folders
+from .render import render
 
 RUNTIME_PACKAGES = ("pyuwsgi", "filelock", "a2wsgi")
 CA_ENV_VARS = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
@@ -91,28 +88,18 @@ def host_pip_index_env() -> dict[str, str]:
     return found
 
 
-def image_exists(client: docker.DockerClient, ref: str) -> bool:
-    with engine_errors(f"looking up image {ref}"):
-        try:
-            client.images.get(ref)
-            return True
-        except docker.errors.ImageNotFound:
-            return False
-
-
-def resolve_base_image(client: docker.DockerClient, env: str, report: Callable[[str], None]) -> str:
+def resolve_base_image(engine: Engine, env: str, report: Callable[[str], None]) -> str:
     """Map ``--env`` (a named environment or an image reference) to an image present on the engine."""
     ref = ENVIRONMENTS.get(env, env)
-    if image_exists(client, ref):
+    if engine.image_exists(ref):
         return ref
-    if env in ENVIRONMENTS and image_exists(client, LOCAL_BASE_IMAGE):
+    if env in ENVIRONMENTS and engine.image_exists(LOCAL_BASE_IMAGE):
         report(f"Environment {env}: {ref} is not on this engine, using the local base {LOCAL_BASE_IMAGE}")
         return LOCAL_BASE_IMAGE
     try:
-        with engine_errors(f"pulling {ref}"):
-            report(f"Pulling {ref} ...")
-            client.images.pull(ref)
-            return ref
+        report(f"Pulling {ref} ...")
+        engine.pull(ref)
+        return ref
     except Exception as exc:  # noqa: BLE001 - any pull failure means the same advice
         hint = (
             f"Run `mlserve setup` to build the local Debian base {LOCAL_BASE_IMAGE}"
@@ -140,8 +127,8 @@ def runtime_sources() -> Iterable[tuple[str, bytes]]:
 class ImageBuilder:
     """Builds ``mlserve/<owner>-<project>:<hash>`` images; layers are cached by the engine."""
 
-    def __init__(self, client: docker.DockerClient, home_label: str, report: Callable[[str], None]) -> None:
-        self.client = client
+    def __init__(self, engine: Engine, home_label: str, report: Callable[[str], None]) -> None:
+        self.engine = engine
         self.home_label = home_label
         self.report = report
 
@@ -160,9 +147,18 @@ class ImageBuilder:
         )
 
     def context(self, project_dir: Path, dockerfile: str, ca_bundle: Path | None) -> tuple[bytes, int]:
-        """The build context as an uncompressed tar: app/ (the project, ignore rules applied) and .mlserve/."""
+        """The build context as an uncompressed tar: app/ (the project, ignore rules applied) and .mlserve/.
+
+        Project files are regular files in it: a link that stays inside the project is followed.
+        Raises UsageError before packing anything when a link leads out of the project (context_files).
+        """
+        # Imported here only until it joins the module's import of context_files.
+
         files = context_files(project_dir)
         size = context_size(files)
+        for rel in linked_folders(project_dir):
+            self.report(f"Note: {rel} is a symbolic link to a folder; mlserve does not follow those, so its files "
+                        "are not in the image (replace the link with the folder, or mount it with --data).")
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             _add_bytes(tar, ".mlserve/Dockerfile", dockerfile.encode())
@@ -171,11 +167,13 @@ class ImageBuilder:
             if ca_bundle:
                 _add_bytes(tar, ".mlserve/ca.crt", ca_bundle.read_bytes())
             for path, rel in files:
-                # Fixed mtime/owner so identical content hits the layer cache; readable by the instance user.
-                info = tar.gettarinfo(str(path), arcname=f"app/{rel}")
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                info.mode = 0o755 if info.mode & 0o111 else 0o644
-                with open(path, "rb") as handle:
+                with open(path, "rb") as handle:  # through a link: the image gets the target's content
+                    stat = os.fstat(handle.fileno())
+                    info = tarfile.TarInfo(f"app/{rel}")
+                    info.size = stat.st_size
+                    # Fixed mtime/owner so identical content hits the layer cache; readable by the instance user.
+                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                    info.mode = 0o755 if stat.st_mode & 0o111 else 0o644
                     tar.addfile(info, handle)
         return buffer.getvalue(), size
 
@@ -199,14 +197,13 @@ class ImageBuilder:
         stream = None
         try:
             with engine_errors("building the image"):
-                stream = self.client.api.build(
+                stream = self.engine.build(
                     fileobj=io.BytesIO(context),
                     custom_context=True,
                     dockerfile=".mlserve/Dockerfile",
                     tag=tag,
                     rm=True,
                     forcerm=True,
-                    decode=True,
                     labels={LABEL_HOME: self.home_label, LABEL_PROJECT: project_key},
                 )
                 for chunk in stream:

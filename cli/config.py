@@ -21,6 +21,7 @@ from .constants import (
     HEALTH_TIMEOUT_S,
 )
 from .errors import ProjectConfigError, UsageError
+from .links import link_problem
 
 CONFIG_NAME = "mlserve.yml"
 MAX_WORKERS = 64
@@ -236,8 +237,11 @@ def load_config(project_dir: Path) -> ProjectConfig:
     path = project_dir / CONFIG_NAME
     if not project_dir.is_dir():
         raise UsageError(f"{project_dir} is not a folder")
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return ProjectConfig()
+    problem = link_problem(path, project_dir)
+    if problem:  # a cloned repository's mlserve.yml -> /etc/shadow: an error must not quote that file
+        raise ProjectConfigError(f"{path} {problem}", "Make mlserve.yml a plain file in the project.")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

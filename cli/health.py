@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from mlserve.constants import HEALTH_VAR
+from .constants import HEALTH_VAR
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,13 @@ def probe(socket_path: str, timeout: float = 3.0, script_name: str = "") -> Prob
     try:
         status = int(status_line.split()[1])
     except (IndexError, ValueError):
-        return ProbeResult(False, None, f"unexpected answer: {status_line[:80]!r}")
-    detail = body[:200].decode("utf-8", "replace")
-    return ProbeResult(status == 200, status, detail)
+        return ProbeResult(False, None, f"unexpected answer: {printable(status_line[:80])!r}")
+    return ProbeResult(status == 200, status, printable(body[:200].decode("utf-8", "replace")))
+
+
+def printable(text: str) -> str:
+    """Text an app sent, safe to store and show: control characters (terminal escapes, newlines) become '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def wait_healthy(socket_path: str, deadline: float, alive: Callable[[], bool] | None = None) -> ProbeResult:

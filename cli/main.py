@@ -74,17 +74,28 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.argument("name", required=False)
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              help="Initialize this folder instead of the current one; created if it does not exist.")
 @click.option("--template", type=click.Choice(["flask", "wsgi", "fastapi", "website"]), default="flask",
               show_default=True, help="Flask app, plain WSGI function, FastAPI (ASGI) app, or Flask website with an upload form.")
-@click.option("--force", is_flag=True, help="Overwrite files that exist.")
-def init(name: str | None, template: str, force: bool) -> None:
-    """Scaffold app.py, requirements.txt, mlserve.yml and .mlserveignore (in NAME/ or here)."""
-    from .scaffold import scaffold
+@click.option("--force", is_flag=True, help="When there is no app.py: overwrite the template's files that exist.")
+def init(name: str | None, folder: Path, template: str, force: bool) -> None:
+    """Make this folder (or --dir DIR) the project NAME.
 
-    target = Path(name) if name else Path.cwd()
-    for path in scaffold(target, name, template=template, force=force):
-        click.echo(f"created {path}")
-    click.echo(f"Next: cd {target} && mlserve run --mode serve" if name else "Next: mlserve run --mode serve")
+    NAME defaults to the project mlserve.yml names, else to the folder's name.
+
+    \b
+    With an app.py here already (a cloned repository, say): write mlserve.yml,
+    or set `project: NAME` in it; app.py and all other files stay as they are.
+    \b
+    Without app.py: write a starting app from --template (app.py,
+    requirements.txt, mlserve.yml, .mlserveignore); files that exist are not
+    overwritten unless --force.
+    """
+    from .scaffold import init_project
+
+    for line in init_project(folder, name, template=template, force=force).summary():
+        click.echo(line)
 
 
 @cli.command()
@@ -297,11 +308,11 @@ def gateway_start(port: int | None, body_limit: int | None, timeout: int | None)
         try:
             Router(platform).apply(start=True)
         except MlserveError:
-            for key, value in before.items():  # a gateway that cannot start keeps its old settings
-                if value is None:
+            for key, old in before.items():  # a gateway that cannot start keeps its old settings
+                if old is None:
                     platform.state.delete_setting(key)
                 else:
-                    platform.state.set_setting(key, value)
+                    platform.state.set_setting(key, old)
             raise
     daemons.ensure_running(platform.home)
     click.echo(f"Gateway listening on {platform.gateway.url}")

@@ -28,7 +28,7 @@ RUNTIMES = tuple(RUNTIME_FACTORIES)
 
 class Platform:
     def __init__(self, home: Home | None = None, report: Callable[[str], None] = print) -> None:
-        self.home = home or Home.from_env()
+        self.home: Home = home or Home.from_env()
         self.report = report
         self._runtimes: dict[str, Runtime] = {}
 

@@ -1,99 +1,35 @@
-"""The user's project folder: its name, mlserve.yml, --data mounts, and which files go into the image."""
+"""The user's project folder: its name, --data mounts, and which files go into the image (mlserve.yml: ``config``)."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
+from .errors import UsageError
+from .links import link_problem
+from .spec import DataMount
 
-from mlserve.errors import ProjectConfigError, UsageError
-from mlserve.runtimes import DataMount
-
-CONFIG_NAME = "mlserve.yml"
 IGNORE_NAME = ".mlserveignore"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MOUNT_RE = re.compile(r"^/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 # Places inside an instance that a data mount must not hide.
 RESERVED_MOUNTS = ("/app", "/opt", "/run", "/output", "/tmp", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin",
                    "/lib", "/lib64", "/sbin", "/var", "/root", "/home")
-DEFAULT_IGNORES = (".git/", ".hg/", ".svn/", "__pycache__/", "*.pyc", ".venv/", "venv/", ".mypy_cache/",
+DEFAULT_IGNORES = (".#*", ".git/", ".hg/", ".svn/", "__pycache__/", "*.pyc", ".venv/", "venv/", ".mypy_cache/",
                    ".pytest_cache/", ".ipynb_checkpoints/", ".DS_Store")
 MAX_CONTEXT_BYTES = 1 << 30  # 1 GiB; models belong in --data mounts, not in the image
-
-
-@dataclass
-class ProjectConfig:
-    """mlserve.yml, checked. Every key is optional; command-line flags win over it."""
-
-    project: str | None = None
-    env: str | None = None
-    workers: int | None = None
-    data: list[str] = field(default_factory=list)
-    env_vars: dict[str, str] = field(default_factory=dict)
-    limits: dict[str, Any] = field(default_factory=dict)
-    health: dict[str, Any] = field(default_factory=dict)
-    max_runtime: str | int | None = None
-    preload: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    requirements: str | None = None
-
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "project": (str,), "env": (str,), "workers": (int,), "data": (list,), "env_vars": (dict,),
-    "limits": (dict,), "health": (dict,), "max_runtime": (str, int), "preload": (bool,),
-    "options": (dict,), "requirements": (str,),
-}
-LIMIT_KEYS = ("memory", "cpus", "pids", "tmp")
-HEALTH_KEYS = ("path", "method", "interval", "timeout", "failures")
-
-
-def load_config(project_dir: Path) -> ProjectConfig:
-    """Read ``mlserve.yml`` if there is one. Raises ProjectConfigError naming the key and the file."""
-    path = project_dir / CONFIG_NAME
-    if not project_dir.is_dir():
-        raise UsageError(f"{project_dir} is not a folder")
-    if not path.exists():
-        return ProjectConfig()
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ProjectConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ProjectConfigError(f"{path} must be a mapping of settings, not {type(raw).__name__}")
-    known = {f.name for f in fields(ProjectConfig)}
-    for key, value in raw.items():
-        if key not in known:
-            raise ProjectConfigError(f"{path}: unknown setting {key!r}", f"Known settings: {', '.join(sorted(known))}.")
-        if value is not None and not isinstance(value, _TYPES[key]) or (key == "workers" and isinstance(value, bool)):
-            expected = " or ".join(t.__name__ for t in _TYPES[key])
-            raise ProjectConfigError(f"{path}: {key} must be a {expected}, not {type(value).__name__}")
-    config = ProjectConfig(**{k: v for k, v in raw.items() if v is not None})
-    for key in config.limits:
-        if key not in LIMIT_KEYS:
-            raise ProjectConfigError(f"{path}: unknown limit {key!r}", f"Limits: {', '.join(LIMIT_KEYS)}.")
-    for key in config.health:
-        if key not in HEALTH_KEYS:
-            raise ProjectConfigError(f"{path}: unknown health setting {key!r}", f"Health settings: {', '.join(HEALTH_KEYS)}.")
-    if config.health.get("path") and not str(config.health["path"]).startswith("/"):
-        raise ProjectConfigError(f"{path}: health.path must start with /")
-    if config.workers is not None and not 1 <= config.workers <= 64:
-        raise ProjectConfigError(f"{path}: workers must be between 1 and 64")
-    config.env_vars = {str(k): str(v) for k, v in config.env_vars.items()}
-    config.data = [str(spec) for spec in config.data]
-    return config
 
 
 def validate_project_name(name: str) -> str:
     """A project name is lower-case ASCII letters, digits, ``-`` and ``_``; raises UsageError otherwise."""
     if not NAME_RE.match(name or ""):
-        raise UsageError(
-            f"{name!r} is not a valid project name",
-            "A project name is 1-63 lower-case ASCII letters, digits, '-' or '_', starting with a letter or digit.",
-        )
+        hint = "A project name is 1-63 lower-case ASCII letters, digits, '-' or '_', starting with a letter or digit."
+        suggestion = _slug(name or "")
+        if suggestion and suggestion != name:
+            hint += f" For example: {suggestion}"
+        raise UsageError(f"{name!r} is not a valid project name", hint)
     return name
 
 
@@ -108,9 +44,25 @@ def validate_owner(name: str) -> str:
 
 
 def default_project_name(project_dir: Path) -> str:
-    """The folder's name, made into a valid project name (``Style Transfer`` -> ``style-transfer``)."""
-    name = re.sub(r"[^a-z0-9_-]+", "-", project_dir.resolve().name.lower()).strip("-_")
-    return name[:63] or "app"
+    """The folder's name, made into a valid project name (``Style Transfer`` -> ``style-transfer``).
+
+    Raises UsageError when the name has no ASCII letter or digit to keep (``模型``): a fixed
+    fallback would put unrelated apps into one project and one round robin.
+    """
+    folder = project_dir.resolve().name
+    name = _slug(folder)
+    if not name:
+        raise UsageError(
+            f"the folder name {folder!r} has no ASCII letters or digits to make a project name of",
+            "Name the project with `--project NAME` or with `project: NAME` in mlserve.yml "
+            "(`mlserve init NAME` writes it); a project name is lower-case ASCII letters, digits, '-' and '_'.",
+        )
+    return name
+
+
+def _slug(text: str) -> str:
+    """``Style Transfer`` -> ``style-transfer``: runs of anything else than a-z, 0-9, - and _ become one -."""
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")[:63]
 
 
 def parse_data_mount(spec: str, base: Path) -> DataMount:
@@ -127,20 +79,6 @@ def parse_data_mount(spec: str, base: Path) -> DataMount:
     if mount == "/" or any(mount == r or mount.startswith(r + "/") for r in RESERVED_MOUNTS):
         raise UsageError(f"--data cannot mount at {mount}: the instance needs that path", "Pick another, e.g. /input or /data.")
     return DataMount(str(path), mount)
-
-
-DURATION_RE = re.compile(r"^(\d+)\s*([smhd]?)$")
-DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: str | int | None, default: int) -> int:
-    """``90``, ``45s``, ``30m``, ``12h`` or ``7d`` as seconds; ``0`` means no limit. Raises UsageError."""
-    if value is None:
-        return default
-    match = DURATION_RE.match(str(value).strip().lower())
-    if not match:
-        raise UsageError(f"{value!r} is not a duration", "Use seconds, or a number with s, m, h or d: 45s, 30m, 12h, 7d; 0 for none.")
-    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
 
 
 # -- the build context -----------------------------------------------------------------------
@@ -197,9 +135,26 @@ def _rules(lines: list[str]) -> list[_Rule]:
 def context_files(project_dir: Path) -> list[tuple[Path, str]]:
     """Files that go into the image, as (path, path relative to the project), ``.mlserveignore`` applied.
 
-    An ignored folder is not entered; symlinks to files are followed, symlinked folders are not.
+    An ignored folder is not entered. A symbolic link to a file is followed when it resolves inside
+    the project (the image gets the content); symlinked folders are not followed (see linked_folders).
+    Raises UsageError naming the links that lead out of the project or nowhere, unless ignored:
+    nothing outside the project folder goes into an image.
     """
+    files, _ = _walk(project_dir)
+    return files
+
+
+def linked_folders(project_dir: Path) -> list[str]:
+    """Symbolic links to folders in the project, not ignored: they are not followed, so none of their
+    files are in the image. Raises UsageError as context_files does."""
+    _, folders = _walk(project_dir)
+    return folders
+
+
+def _walk(project_dir: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(files for the image, symlinked folders not followed); see context_files."""
     ignore = project_dir / IGNORE_NAME
+    _refuse_links([(ignore, IGNORE_NAME)], project_dir)  # read before the walk checks it
     rules = _rules(list(DEFAULT_IGNORES) + (ignore.read_text().splitlines() if ignore.exists() else []))
 
     def ignored(rel: str, is_dir: bool) -> bool:
@@ -209,21 +164,43 @@ def context_files(project_dir: Path) -> list[tuple[Path, str]]:
                 verdict = not rule.negate
         return verdict
 
-    found: list[tuple[Path, str]] = []
+    files: list[tuple[Path, str]] = []
+    folders: list[str] = []
+    links: list[tuple[Path, str]] = []
 
     def walk(folder: Path, prefix: str) -> None:
         for entry in sorted(folder.iterdir(), key=lambda p: p.name):
             rel = f"{prefix}{entry.name}"
-            is_dir = entry.is_dir() and not entry.is_symlink()
+            is_dir = entry.is_dir()  # through a link too: `data/` in .mlserveignore also keeps out a linked data
             if ignored(rel, is_dir):
                 continue
+            if entry.is_symlink():
+                if is_dir:
+                    folders.append(rel)
+                    continue
+                links.append((entry, rel))
             if is_dir:
                 walk(entry, rel + "/")
             elif entry.is_file():
-                found.append((entry, rel))
+                files.append((entry, rel))
 
     walk(project_dir, "")
-    return found
+    _refuse_links(links, project_dir)
+    return files, folders
+
+
+def _refuse_links(links: list[tuple[Path, str]], project_dir: Path) -> None:
+    """Raise UsageError naming every link of ``links`` that leads out of the project or nowhere."""
+    bad = [(rel, problem) for path, rel in links if (problem := link_problem(path, project_dir))]
+    if not bad:
+        return
+    (rel, problem), others = bad[0], [other for other, _ in bad[1:]]
+    also = f" Other such links: {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}." if others else ""
+    raise UsageError(
+        f"{rel} {problem}",
+        "mlserve reads and ships only files inside the project folder; a link is followed when it stays inside."
+        + also + f" Copy what the app needs into the project, or list the link in {IGNORE_NAME} to leave it out.",
+    )
 
 
 def context_size(files: list[tuple[Path, str]], limit: int = MAX_CONTEXT_BYTES) -> int:

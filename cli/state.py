@@ -225,7 +225,8 @@ class StateStore:
 
     def jobs(self, *, active_only: bool = False, owner: str | None = None, project: str | None = None) -> list[Job]:
         """Jobs oldest first, optionally only active ones of one project."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[str] = []
         if active_only:
             clauses.append(f"state IN ({', '.join('?' * len(ACTIVE_STATES))})")
             params.extend(ACTIVE_STATES)

@@ -131,6 +131,7 @@ class Supervisor:
             self.router.apply()
         now = time.time()
         self.watches[job.id].restarted(now)
+        handle: str | None
         try:
             handle = self.platform.runtime(job.runtime).restart(self.instances.instance_spec(current), current.handle)
         except MlserveError as exc:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mlserve.errors import AppValidationError
+from .errors import AppValidationError
+from .links import link_problem
 
 APP_FILE = "app.py"
 APP_HINT = (
@@ -82,7 +84,7 @@ class _Module:
 
     def scan(self, body: list[ast.stmt], conditional: bool = False, main_only: bool = False) -> None:
         for stmt in body:
-            flags = {"line": stmt.lineno, "conditional": conditional, "main_only": main_only}
+            flags: dict[str, Any] = {"line": stmt.lineno, "conditional": conditional, "main_only": main_only}
             if isinstance(stmt, ast.If):
                 self.scan(stmt.body, True, main_only or _is_main_guard(stmt.test))
                 self.scan(stmt.orelse, True, main_only)
@@ -115,7 +117,7 @@ class _Module:
                     else:
                         self.add(alias.asname or alias.name, _Binding(None, origin=f"{module}.{alias.name}", **flags))
 
-    def _bind_target(self, target: ast.expr, value: ast.expr | None, flags: dict) -> None:
+    def _bind_target(self, target: ast.expr, value: ast.expr | None, flags: dict[str, Any]) -> None:
         if isinstance(target, ast.Name):
             self.add(target.id, _Binding(value, **flags))
         elif isinstance(target, (ast.Tuple, ast.List)):
@@ -266,10 +268,18 @@ def validate_app(project_dir: Path) -> AppReport:
     """Check statically that ``project_dir/app.py`` exists, parses and binds a module-level callable ``app``.
 
     Returns an AppReport saying what ``app`` is when the code tells (``kind`` None otherwise).
-    Raises AppValidationError when app.py is missing, has a syntax error, defines no global ``app``,
-    assigns it something that is not callable, or assigns it only under ``if __name__ == "__main__":``.
+    Raises AppValidationError when app.py is missing, is a symbolic link that leaves the project
+    folder (it is not read then), has a syntax error, defines no global ``app``, assigns it something
+    that is not callable, or assigns it only under ``if __name__ == "__main__":``.
     """
     path = project_dir / APP_FILE
+    problem = link_problem(path, project_dir)
+    if problem:
+        raise AppValidationError(
+            f"{path} {problem}; it was not read",
+            "mlserve reads and ships only files inside the project folder (a link is followed when it stays inside): "
+            "copy the app into app.py here.",
+        )
     if not path.is_file():
         raise AppValidationError(f"there is no app.py in {project_dir.resolve()}", APP_HINT)
     tree = _parse(path)
@@ -304,7 +314,7 @@ def validate_app(project_dir: Path) -> AppReport:
 def _missing_app_hint(module: _Module) -> str:
     """Suggest ``app = <name>`` when app.py builds its application under another name."""
     calls = {name: b[-1].node for name, b in module.bindings.items() if isinstance(b[-1].node, ast.Call)}
-    built = [name for name, call in calls.items() if _framework(module.dotted(call.func) or "")[0]]  # type: ignore[attr-defined]
+    built = [name for name, call in calls.items() if _framework(module.dotted(call.func) or "")[0]]
     usual = [name for name in USUAL_NAMES if module.local(name)]
     for name in built + usual:
         return f"uWSGI serves the global named app: add `app = {name}` after {name} is defined."

@@ -8,6 +8,6 @@ Standard library, filelock and uwsgi only. User code needs just ``locked``::
         ...
 """
 
-from mlserve_runtime.lock import locked
+from .lock import locked
 
 __all__ = ["locked"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from mlserve_runtime.loader import AppLoadError, load
+from .loader import AppLoadError, load
 
 
 def main(argv: list[str]) -> int:

@@ -10,8 +10,8 @@ import json
 import os
 from typing import Any, Callable, Iterable
 
-from mlserve_runtime import logfile
-from mlserve_runtime.loader import LoadedApp, load
+from . import logfile
+from .loader import LoadedApp, load
 
 HEALTH_VAR = "MLSERVE_HEALTH"
 
@@ -20,7 +20,7 @@ StartResponse = Callable[..., Any]
 
 def _worker_id() -> int:
     try:
-        import uwsgi  # type: ignore[import-not-found]
+        import uwsgi
 
         return int(uwsgi.worker_id())
     except ImportError:
@@ -49,7 +49,11 @@ class Instance:
             probe.pop(HEALTH_VAR, None)
             seen: list[str] = []
             try:
-                body = self.loaded.wsgi(probe, lambda s, h, exc_info=None: seen.append(s) or (lambda data: None))
+                def start_response(status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:
+                    seen.append(status)
+                    return lambda data: None
+
+                body = self.loaded.wsgi(probe, start_response)
                 try:
                     for _ in body:
                         pass

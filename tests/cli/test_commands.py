@@ -9,14 +9,14 @@ from mlserve.main import cli
 
 
 def test_init_then_validate(runner, tmp_path):
-    result = runner.invoke(cli, ["init", "demo"])
+    result = runner.invoke(cli, ["init", "demo", "--dir", "demo"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "app.py").exists()
     result = runner.invoke(cli, ["validate", "demo"])
     assert result.exit_code == 0, result.output
     assert "flask.Flask" in result.output
-    again = runner.invoke(cli, ["init", "demo"])
-    assert again.exit_code != 0 and "--force" in again.output
+    again = runner.invoke(cli, ["init", "--dir", "demo"])
+    assert again.exit_code == 0 and "left as they are" in again.output
 
 
 def test_validate_reports_syntax_error_with_line(runner, tmp_path):

@@ -11,18 +11,17 @@ import re
 import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import fields
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import yaml
-from werkzeug.test import Client
-
+from mlserve.config import TOP_LEVEL, HealthPolicy, Limits, load_config
 from mlserve.errors import UsageError
-from mlserve.project import ProjectConfig, context_files, load_config
-from mlserve.scaffold import TEMPLATES, scaffold
+from mlserve.project import context_files
+from mlserve.scaffold import TEMPLATES, InitResult, init_project, scaffold
 from mlserve.validate import validate_app
+from werkzeug.test import Client
 
 BASE_FILES = {"app.py", "requirements.txt", "mlserve.yml", ".mlserveignore"}
 EXPECTED = {
@@ -72,7 +71,7 @@ def test_app_py_shows_the_lock_helper_and_a_local_run(tmp_path, template):
     assert "with locked(STATS_PATH):" in source
     assert 'os.environ.get("OUTPUT_DIR", "/tmp")' in source
     main = source[source.index('if __name__ == "__main__":'):]
-    assert re.search(r"(app\.run|uvicorn\.run|make_server)\(.*127\.0\.0\.1", main, re.S)
+    assert re.search(r"(app\.run|uvicorn\.run|make_server)\(.*127\.0\.0\.1", main, re.DOTALL)
     assert "{{" not in source and "{%" not in source
     compile(source, "app.py", "exec")
 
@@ -98,16 +97,16 @@ def test_mlserve_yml_has_only_the_project_active(tmp_path, template):
 def test_mlserve_yml_examples_are_valid_settings_when_uncommented(tmp_path):
     scaffold(tmp_path, "demo", template="fastapi")
     text = (tmp_path / "mlserve.yml").read_text()
-    keys = set(re.findall(r"^# ([a-z_]+):", text, re.M))
+    keys = set(re.findall(r"^# ([a-z_]+):", text, re.MULTILINE))
     assert keys == {"env", "workers", "data", "env_vars", "limits", "health", "max_runtime", "preload", "options"}
-    assert keys <= {f.name for f in fields(ProjectConfig)}
-    uncommented = re.sub(r"^# ( *(?:[a-z_]+:|- ))", r"\1", text, flags=re.M)
+    assert keys <= {*TOP_LEVEL, "limits", "health"}
+    uncommented = re.sub(r"^# ( *(?:[a-z_]+:|- ))", r"\1", text, flags=re.MULTILINE)
     (tmp_path / "mlserve.yml").write_text(uncommented)
     config = load_config(tmp_path)
-    assert config.workers == 2 and config.data == ["./data:input"]
-    assert set(config.limits) == {"memory", "cpus", "pids"}
-    assert config.health == {"path": "/health", "method": "GET"}
-    assert config.options == {"threshold": 0.5} and config.preload is False and config.max_runtime == "12h"
+    assert config.workers == 2 and config.data == ("./data:input",)
+    assert config.limits == Limits(memory_bytes=2 << 30, cpus=1.5, pids=512)
+    assert config.health == HealthPolicy(path="/health", method="GET")
+    assert config.options == {"threshold": 0.5} and config.preload is False and config.max_runtime_s == 12 * 3600
 
 
 def test_mlserveignore_keeps_data_and_clutter_out_of_the_image(tmp_path):
@@ -184,6 +183,93 @@ def test_target_that_is_a_file(tmp_path):
 def test_creates_nested_target(tmp_path):
     scaffold(tmp_path / "a" / "b", "b", template="wsgi")
     assert (tmp_path / "a" / "b" / "app.py").is_file()
+
+
+# -- init: an existing app keeps its files; a folder without one gets the template -------------------
+
+
+MINE = "# mine\nfrom server import app\n"
+
+
+def test_init_a_new_app_here_with_a_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = init_project(Path("."), "style", template="wsgi")
+    assert result == InitResult(Path("."), "style", result.written)
+    assert {p.as_posix() for p in result.written} == BASE_FILES
+    assert yaml.safe_load((tmp_path / "mlserve.yml").read_text()) == {"project": "style"}
+    assert result.summary()[-2:] == [f"Initialized project style in {tmp_path}", "Next: mlserve run --mode serve"]
+
+
+def test_init_a_new_folder_quotes_it_in_the_next_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = init_project(Path("My Model"), None)
+    assert result.project == "my-model"
+    assert result.summary()[-1] == "Next: cd 'My Model' && mlserve run --mode serve"
+
+
+def test_init_an_existing_app_touches_only_mlserve_yml(tmp_path):
+    (tmp_path / "app.py").write_text(MINE)
+    (tmp_path / "requirements.txt").write_text("torch\n")
+    result = init_project(tmp_path, "style", template="fastapi", force=True)
+    assert (result.project, result.config, result.written) == ("style", "created", [])
+    assert files_in(tmp_path) == {"app.py", "requirements.txt", "mlserve.yml"}
+    assert (tmp_path / "app.py").read_text() == MINE
+    assert load_config(tmp_path).project == "style"
+    assert "# health:\n#   path: /\n" in (tmp_path / "mlserve.yml").read_text()
+
+
+def test_init_an_app_whose_app_py_is_a_dangling_link_still_counts_as_an_app(tmp_path):
+    (tmp_path / "app.py").symlink_to("src/app.py")
+    assert init_project(tmp_path, "style").config == "created"
+    assert (tmp_path / "app.py").is_symlink() and not (tmp_path / "src").exists()
+
+
+@pytest.mark.parametrize("before, after", [
+    ("project: old\n", "project: new\n"),
+    ("project:\n", "project: new\n"),
+    ("project: My App   # mine\nworkers: 2\n", "project: new   # mine\nworkers: 2\n"),
+    ("workers: 2\n", "project: new\nworkers: 2\n"),
+    ("# settings\n\n# more\nworkers: 2\n", "# settings\n\n# more\nproject: new\nworkers: 2\n"),
+    ("# settings\n---\nworkers: 2\n", "# settings\n---\nproject: new\nworkers: 2\n"),
+    ("", "project: new\n"),
+    ("# only comments\n", "# only comments\nproject: new\n"),
+    ("# no newline at the end", "# no newline at the end\nproject: new\n"),
+    ("options:\n  project: inner\nproject: old\n", "options:\n  project: inner\nproject: new\n"),
+])
+def test_init_sets_the_project_line_and_keeps_the_rest(tmp_path, before, after):
+    (tmp_path / "app.py").write_text(MINE)
+    (tmp_path / "mlserve.yml").write_text(before)
+    result = init_project(tmp_path, "new")
+    assert result.config == "updated"
+    assert (tmp_path / "mlserve.yml").read_text() == after
+
+
+@pytest.mark.parametrize("before, message", [
+    ("{project: old, workers: 2}\n", "without changing more than that"),
+    ("project: >\n  old\n", "without changing more than that"),
+    ("project: [old\n", "is not valid YAML"),
+    ("- project: old\n", "must be a mapping of settings, not list"),
+])
+def test_init_leaves_an_mlserve_yml_it_cannot_edit_safely_alone(tmp_path, before, message):
+    (tmp_path / "app.py").write_text(MINE)
+    (tmp_path / "mlserve.yml").write_text(before)
+    with pytest.raises(UsageError, match=re.escape(message)) as info:
+        init_project(tmp_path, "new")
+    assert "by hand" in info.value.hint
+    assert (tmp_path / "mlserve.yml").read_text() == before
+
+
+def test_init_checks_everything_before_writing(tmp_path):
+    with pytest.raises(UsageError, match="not a valid project name"):
+        init_project(tmp_path / "new", "Bad Name")
+    with pytest.raises(UsageError, match="unknown template"):
+        init_project(tmp_path / "new", "good", template="django")
+    (tmp_path / "模型").mkdir()
+    with pytest.raises(UsageError, match="no ASCII letters or digits"):
+        init_project(tmp_path / "模型", None)
+    with pytest.raises(UsageError, match="no ASCII letters or digits"):
+        scaffold(tmp_path / "模型", None)
+    assert files_in(tmp_path) == set() and not (tmp_path / "new").exists()
 
 
 # -- the scaffolded apps, really running on the host ---------------------------------------------
@@ -338,3 +424,24 @@ def test_two_worker_processes_count_every_prediction(tmp_path):
                for _ in range(2)]
     assert [w.wait(timeout=120) for w in workers] == [0, 0]
     assert json.loads((tmp_path / "output" / "stats.json").read_text()) == {"predictions": 600}
+
+
+def test_force_replaces_a_link_instead_of_writing_through_it(tmp_path):
+    outside = tmp_path / "passwd"
+    outside.write_text("root:x:0:0\n")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "requirements.txt").symlink_to(outside)
+    with pytest.raises(UsageError, match="requirements.txt already exists"):
+        scaffold(tmp_path / "repo", None)
+    scaffold(tmp_path / "repo", None, force=True)
+    assert outside.read_text() == "root:x:0:0\n"
+    assert not (tmp_path / "repo" / "requirements.txt").is_symlink()
+
+
+def test_a_linked_folder_on_the_way_out_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "static").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UsageError, match=r"^static in .*repo links out of the folder"):
+        scaffold(tmp_path / "repo", None, template="website", force=True)
+    assert files_in(tmp_path) == set()

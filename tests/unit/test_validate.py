@@ -6,7 +6,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from mlserve.errors import AppValidationError
 from mlserve.validate import AppReport, validate_app
 
@@ -141,11 +140,11 @@ def test_report_fields(tmp_path):
     ("from django.core.wsgi import get_wsgi_application\napp = get_wsgi_application()\n", "django"),
     ("from werkzeug.middleware.dispatcher import DispatcherMiddleware\napp = DispatcherMiddleware(None, {})\n",
      "werkzeug"),
-    ("from werkzeug.wrappers import Request, Response\n\n@Request.application\ndef app(request):\n"
-     "    return Response('hi')\n", "werkzeug"),
+    (("from werkzeug.wrappers import Request, Response\n\n@Request.application\ndef app(request):\n"
+      "    return Response('hi')\n"), "werkzeug"),
     ("import werkzeug.wrappers\napp = werkzeug.wrappers.Response('static answer')\n", "werkzeug"),
-    ("from flask import Flask\nfrom werkzeug.middleware.proxy_fix import ProxyFix\n"
-     "app = Flask(__name__)\napp = ProxyFix(app)\n", "werkzeug"),
+    (("from flask import Flask\nfrom werkzeug.middleware.proxy_fix import ProxyFix\n"
+      "app = Flask(__name__)\napp = ProxyFix(app)\n"), "werkzeug"),
     ("from a2wsgi import ASGIMiddleware\nfrom fastapi import FastAPI\napp = ASGIMiddleware(FastAPI())\n",
      "a2wsgi.ASGIMiddleware"),
     ("def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'hi']\n", "WSGI function"),
@@ -283,3 +282,56 @@ def test_does_not_run_user_code(tmp_path):
     report = check(tmp_path, f"open({str(marker)!r}, 'w').close()\nraise SystemExit(1)\ndef app(e, s):\n    return []\n")
     assert report.kind == "WSGI function"
     assert not marker.exists()
+
+
+# -- symbolic links -----------------------------------------------------------------------------
+
+
+WSGI = "def app(environ, start_response):\n    return []\n"
+
+
+def test_app_py_linked_inside_the_project_is_followed(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "server.py").write_text(WSGI)
+    (tmp_path / "app.py").symlink_to("src/server.py")
+    assert validate_app(tmp_path).kind == "WSGI function"
+
+
+def test_absolute_link_that_stays_inside_a_linked_project_is_followed(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "server.py").write_text(WSGI)
+    (tmp_path / "project").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "app.py").symlink_to(tmp_path / "project" / "server.py")
+    assert validate_app(tmp_path / "project").kind == "WSGI function"
+
+
+def test_app_py_linked_out_of_the_project_is_not_read(tmp_path, monkeypatch):
+    outside = tmp_path / "secret.py"
+    outside.write_text("x = = 'SECRET'\n")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "app.py").symlink_to(outside)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    with pytest.raises(AppValidationError) as info:
+        validate_app(tmp_path / "project")
+    assert info.value.message == (f"{tmp_path}/project/app.py is a symbolic link to {outside}, "
+                                  f"outside the project folder {tmp_path / 'project'}; it was not read")
+    assert "SECRET" not in (info.value.hint or "") and "copy the app into app.py" in info.value.hint
+
+
+def test_relative_link_up_and_out_is_refused(tmp_path):
+    (tmp_path / "elsewhere.py").write_text(WSGI)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "app.py").symlink_to("../elsewhere.py")
+    with pytest.raises(AppValidationError, match=r"is a symbolic link to \.\./elsewhere\.py, outside the project"):
+        validate_app(tmp_path / "project")
+
+
+def test_dangling_and_looping_app_py_links_say_so(tmp_path):
+    (tmp_path / "app.py").symlink_to("gone.py")
+    with pytest.raises(AppValidationError, match=r"app\.py is a symbolic link to gone\.py, which does not exist"):
+        validate_app(tmp_path)
+    (tmp_path / "app.py").unlink()
+    (tmp_path / "a.py").symlink_to("app.py")
+    (tmp_path / "app.py").symlink_to("a.py")
+    with pytest.raises(AppValidationError, match=r"cannot be resolved"):
+        validate_app(tmp_path)

@@ -1,0 +1,186 @@
+"""A base image for builds: the default environment's image when the engine has or can pull it,
+else a Debian made locally with debootstrap and imported into Docker (no registry needed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import docker.errors
+from docker.utils import parse_repository_tag
+
+from .constants import DEFAULT_ENV, ENVIRONMENTS, LABEL_PREFIX, LOCAL_BASE_IMAGE
+from .engine import engine_errors
+from .errors import SetupError
+from .programs import SYSTEM_PATH, Report, find_program, tail
+
+PULL_TIMEOUT_S = 20.0
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
+LABEL_BASE = f"{LABEL_PREFIX}.base"  # on images `mlserve setup` made; value: how
+BASE_IMAGE_CHANGES = (
+    f"LABEL {LABEL_BASE}=debootstrap-{DEBIAN_SUITE}",
+    f"ENV PATH={SYSTEM_PATH}",
+    "ENV LANG=C.UTF-8",
+    'CMD ["python3"]',
+)
+
+
+def ensure_base_image(report: Report, client: docker.DockerClient, tag: str = LOCAL_BASE_IMAGE) -> str:
+    """Make sure builds have a base: the default environment's image, else the local ``tag``.
+
+    Tries a pull of the default image (bounded by PULL_TIMEOUT_S), then builds ``tag`` with
+    debootstrap. Returns the image builds will start from. Raises SetupError.
+    """
+    default = ENVIRONMENTS[DEFAULT_ENV]
+    if _image_exists(client, default):
+        report(f"Base image {default} ... ok")
+        return default
+    if _image_exists(client, tag):
+        report(f"Base image {tag} ... ok ({default} is not on this engine)")
+        return tag
+    if pull(client, default, report):
+        return default
+    if os.geteuid() != 0:
+        raise SetupError(
+            f"neither {default} nor the local base {tag} is on the engine, and {default} cannot be pulled",
+            "Run `mlserve setup` as root to build the local base with debootstrap.",
+        )
+    build_local_base(client, tag, report)
+    return tag
+
+
+def pull(client: docker.DockerClient, ref: str, report: Report, timeout: float = PULL_TIMEOUT_S) -> bool:
+    """Try to pull ``ref`` for at most ``timeout`` seconds; False (with the reason reported) if not."""
+    report(f"Pulling {ref} ...")
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            client.images.pull(ref)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means "build locally"
+            outcome.append(exc)
+
+    # A thread, because an unreachable registry can hang the pull; a daemon, so it cannot hold us.
+    worker = threading.Thread(target=attempt, name=f"pull {ref}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        report(f"  no answer within {timeout:.0f}s; building a local base instead")
+        return False
+    error = outcome[0]
+    if error is None:
+        report(f"  pulled {ref}")
+        return True
+    reason = error.explanation if isinstance(error, docker.errors.APIError) and error.explanation else str(error)
+    report(f"  cannot pull ({_first_line(reason)}); building a local base instead")
+    return False
+
+
+def build_local_base(client: docker.DockerClient, tag: str, report: Report, mirror: str = DEBIAN_MIRROR) -> None:
+    """Build Debian ``bookworm`` with python3 and venv by debootstrap and import it as ``tag``.
+
+    Needs root, debootstrap and the Debian mirror (about 45 s and 300 MB). Raises SetupError.
+    """
+    debootstrap = find_program("debootstrap")
+    if debootstrap is None:
+        raise SetupError("debootstrap is not installed", "Run `mlserve setup` as root, or `apt-get install -y debootstrap`.")
+    report(f"Building the local base image {tag}: Debian {DEBIAN_SUITE} by debootstrap (about a minute) ...")
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="mlserve-base-", dir="/var/tmp"))
+    root.chmod(0o755)  # it becomes the image's /, which the unprivileged user must traverse
+    try:
+        command = [debootstrap, "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", DEBIAN_SUITE, str(root), mirror]
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SetupError(
+                f"debootstrap failed (exit {result.returncode})",
+                tail(result.stdout + result.stderr) + f"\nCheck that {mirror} is reachable, then run `mlserve setup` again.",
+            )
+        _trim(root)
+        report(f"  debootstrap done in {time.monotonic() - started:.0f}s; importing into Docker ...")
+        import_tree(client, root, tag)
+    finally:
+        _remove_tree(root, report)
+    report(f"Built {tag} in {time.monotonic() - started:.0f}s")
+
+
+def import_tree(client: docker.DockerClient, root: Path, tag: str) -> None:
+    """``tar -C root -c . | docker import - tag`` through the SDK (the docker CLI may be absent)."""
+    repository, version = parse_repository_tag(tag)
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: tar's warnings must not block it
+        tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(root), "-c", "."], stdout=subprocess.PIPE, stderr=err)
+        out = tar.stdout
+        assert out is not None
+
+        def chunks() -> Iterator[bytes]:
+            while block := out.read(1 << 20):
+                yield block
+
+        try:
+            with engine_errors(f"importing {tag}"):
+                answer = client.api.import_image(
+                    src=chunks(), repository=repository, tag=version or "latest",
+                    changes=list(BASE_IMAGE_CHANGES), stream_src=True,
+                )
+        finally:
+            out.close()  # if the engine gave up, tar stops on a broken pipe
+            code = tar.wait()
+        if code != 0:
+            err.seek(0)
+            raise SetupError(f"tar of {root} failed (exit {code})", tail(err.read().decode(errors="replace")))
+    if not _image_exists(client, tag):
+        raise SetupError(f"the engine did not create {tag}", tail(str(answer)))
+
+
+def _image_exists(client: docker.DockerClient, ref: str) -> bool:
+    with engine_errors(f"looking up image {ref}"):
+        try:
+            client.images.get(ref)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+
+def _trim(root: Path) -> None:
+    """Drop apt's downloaded packages and lists, as Debian's own images do."""
+    for folder in (root / "var/cache/apt/archives", root / "var/lib/apt/lists"):
+        for path in folder.glob("*"):
+            if path.is_file() and path.name != "lock":
+                path.unlink()
+
+
+def _remove_tree(root: Path, report: Report) -> None:
+    """Delete the debootstrap tree, never crossing into something still mounted inside it."""
+    def mounted() -> list[str]:
+        return [m for m in _mount_points() if m == str(root) or m.startswith(f"{root}/")]
+
+    for point in sorted(mounted(), reverse=True):  # a failed debootstrap can leave proc, sys, dev
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    if mounted():
+        report(f"Warning: left {root} in place; something is still mounted inside it")
+        return
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _mount_points() -> list[str]:
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    # The file escapes spaces and the like as octal (\040).
+    return [line.split()[1].encode().decode("unicode_escape") for line in lines if len(line.split()) > 1]
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "no reason given"
