@@ -5,7 +5,7 @@ PYTHON ?= python3
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: install setup demo test bench
+.PHONY: install setup demo test lint bench
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -23,8 +23,14 @@ demo: setup
 # The browser test drives Debian's chromium through chromium-driver (Selenium).
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 
-test: setup $(BROWSER)
+test: setup lint $(BROWSER)
 	$(PYTHON) -m pytest -ra tests
+
+# Lint and types. mypy sees the installed package names (mlserve = cli/, mlserve_runtime = runtime/)
+# through the links in .mypy/.
+lint: install
+	$(PYTHON) -m ruff check cli runtime tests bench
+	$(PYTHON) -m mypy -p mlserve -p mlserve_runtime
 
 $(BROWSER) &:
 	DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=300

@@ -13,13 +13,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import docker
-import docker.errors
-from docker.utils import parse_repository_tag
-
 from .constants import DEFAULT_ENV, ENVIRONMENTS, LABEL_PREFIX, LOCAL_BASE_IMAGE
-from .engine import engine_errors
-from .errors import SetupError
+from .engine import Engine
+from .errors import MlserveError, SetupError
 from .programs import SYSTEM_PATH, Report, find_program, tail
 
 PULL_TIMEOUT_S = 20.0
@@ -35,38 +31,39 @@ BASE_IMAGE_CHANGES = (
 )
 
 
-def ensure_base_image(report: Report, client: docker.DockerClient, tag: str = LOCAL_BASE_IMAGE) -> str:
+def ensure_base_image(report: Report, engine: Engine, tag: str = LOCAL_BASE_IMAGE) -> str:
     """Make sure builds have a base: the default environment's image, else the local ``tag``.
 
     Tries a pull of the default image (bounded by PULL_TIMEOUT_S), then builds ``tag`` with
-    debootstrap. Returns the image builds will start from. Raises SetupError.
+    debootstrap. Returns the image builds will start from. Raises SetupError, or
+    EngineUnavailableError when the engine stops answering.
     """
     default = ENVIRONMENTS[DEFAULT_ENV]
-    if _image_exists(client, default):
+    if engine.image_exists(default):
         report(f"Base image {default} ... ok")
         return default
-    if _image_exists(client, tag):
+    if engine.image_exists(tag):
         report(f"Base image {tag} ... ok ({default} is not on this engine)")
         return tag
-    if pull(client, default, report):
+    if pull(engine, default, report):
         return default
     if os.geteuid() != 0:
         raise SetupError(
             f"neither {default} nor the local base {tag} is on the engine, and {default} cannot be pulled",
             "Run `mlserve setup` as root to build the local base with debootstrap.",
         )
-    build_local_base(client, tag, report)
+    build_local_base(engine, tag, report)
     return tag
 
 
-def pull(client: docker.DockerClient, ref: str, report: Report, timeout: float = PULL_TIMEOUT_S) -> bool:
+def pull(engine: Engine, ref: str, report: Report, timeout: float = PULL_TIMEOUT_S) -> bool:
     """Try to pull ``ref`` for at most ``timeout`` seconds; False (with the reason reported) if not."""
     report(f"Pulling {ref} ...")
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
         try:
-            client.images.pull(ref)
+            engine.pull(ref)
             outcome.append(None)
         except Exception as exc:  # noqa: BLE001 - any failure means "build locally"
             outcome.append(exc)
@@ -82,12 +79,11 @@ def pull(client: docker.DockerClient, ref: str, report: Report, timeout: float =
     if error is None:
         report(f"  pulled {ref}")
         return True
-    reason = error.explanation if isinstance(error, docker.errors.APIError) and error.explanation else str(error)
-    report(f"  cannot pull ({_first_line(reason)}); building a local base instead")
+    report(f"  cannot pull ({_first_line(_reason(error))}); building a local base instead")
     return False
 
 
-def build_local_base(client: docker.DockerClient, tag: str, report: Report, mirror: str = DEBIAN_MIRROR) -> None:
+def build_local_base(engine: Engine, tag: str, report: Report, mirror: str = DEBIAN_MIRROR) -> None:
     """Build Debian ``bookworm`` with python3 and venv by debootstrap and import it as ``tag``.
 
     Needs root, debootstrap and the Debian mirror (about 45 s and 300 MB). Raises SetupError.
@@ -109,15 +105,18 @@ def build_local_base(client: docker.DockerClient, tag: str, report: Report, mirr
             )
         _trim(root)
         report(f"  debootstrap done in {time.monotonic() - started:.0f}s; importing into Docker ...")
-        import_tree(client, root, tag)
+        import_tree(engine, root, tag)
     finally:
         _remove_tree(root, report)
     report(f"Built {tag} in {time.monotonic() - started:.0f}s")
 
 
-def import_tree(client: docker.DockerClient, root: Path, tag: str) -> None:
-    """``tar -C root -c . | docker import - tag`` through the SDK (the docker CLI may be absent)."""
-    repository, version = parse_repository_tag(tag)
+def import_tree(engine: Engine, root: Path, tag: str) -> None:
+    """``tar -C root -c . | docker import - tag`` through the engine (the docker CLI may be absent).
+
+    Raises SetupError when tar fails or no image comes of it, EngineUnavailableError or MlserveError
+    when the engine refuses the import.
+    """
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: tar's warnings must not block it
         tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(root), "-c", "."], stdout=subprocess.PIPE, stderr=err)
         out = tar.stdout
@@ -128,28 +127,15 @@ def import_tree(client: docker.DockerClient, root: Path, tag: str) -> None:
                 yield block
 
         try:
-            with engine_errors(f"importing {tag}"):
-                answer = client.api.import_image(
-                    src=chunks(), repository=repository, tag=version or "latest",
-                    changes=list(BASE_IMAGE_CHANGES), stream_src=True,
-                )
+            answer = engine.import_image(chunks(), tag, BASE_IMAGE_CHANGES)
         finally:
             out.close()  # if the engine gave up, tar stops on a broken pipe
             code = tar.wait()
         if code != 0:
             err.seek(0)
             raise SetupError(f"tar of {root} failed (exit {code})", tail(err.read().decode(errors="replace")))
-    if not _image_exists(client, tag):
-        raise SetupError(f"the engine did not create {tag}", tail(str(answer)))
-
-
-def _image_exists(client: docker.DockerClient, ref: str) -> bool:
-    with engine_errors(f"looking up image {ref}"):
-        try:
-            client.images.get(ref)
-            return True
-        except docker.errors.ImageNotFound:
-            return False
+    if not engine.image_exists(tag):
+        raise SetupError(f"the engine did not create {tag}", tail(answer))
 
 
 def _trim(root: Path) -> None:
@@ -180,6 +166,12 @@ def _mount_points() -> list[str]:
         return []
     # The file escapes spaces and the like as octal (\040).
     return [line.split()[1].encode().decode("unicode_escape") for line in lines if len(line.split()) > 1]
+
+
+def _reason(error: BaseException) -> str:
+    """Why a pull failed in the engine's own words (the registry's answer), not the wrapper's."""
+    cause = error.__cause__ if isinstance(error, MlserveError) and error.__cause__ is not None else error
+    return str(getattr(cause, "explanation", None) or cause)
 
 
 def _first_line(text: str) -> str:

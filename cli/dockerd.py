@@ -11,12 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import docker
-import docker.errors
 import requests.exceptions
 
-from .engine import connect
-from .errors import EngineUnavailableError
+from .engine import Engine
+from .errors import EngineUnavailableError, MlserveError
 from .programs import SYSTEM_PATH, Report, find_program, live_pid, tail
 
 DOCKER_SOCKET = Path("/var/run/docker.sock")
@@ -25,8 +23,8 @@ DOCKERD_LOG = Path("/var/log/mlserve-dockerd.log")
 PROBE_TIMEOUT_S = 10
 
 
-def ensure_engine(report: Report, timeout: float = 60) -> docker.DockerClient:
-    """Return a client of an answering engine, starting a local ``dockerd`` if there is none.
+def ensure_engine(report: Report, timeout: float = 60) -> Engine:
+    """Return an Engine connected to an answering engine, starting a local ``dockerd`` if none answers.
 
     dockerd is only started when DOCKER_HOST names no other engine, it is installed, and we
     are root. Raises EngineUnavailableError otherwise, or when it does not answer in ``timeout``.
@@ -34,7 +32,7 @@ def ensure_engine(report: Report, timeout: float = 60) -> docker.DockerClient:
     problem = engine_problem()
     if problem is None:
         report(f"Docker engine at {_where()} ... ok")
-        return connect()
+        return Engine.connect()
     host = os.environ.get("DOCKER_HOST")
     if host and host not in (f"unix://{DOCKER_SOCKET}", f"unix://{DOCKER_SOCKET.resolve()}"):
         raise EngineUnavailableError(
@@ -63,18 +61,17 @@ def ensure_engine(report: Report, timeout: float = 60) -> docker.DockerClient:
     started = time.monotonic()
     _wait_for_engine(process, timeout)
     report(f"Docker engine answering after {time.monotonic() - started:.1f}s")
-    return connect()
+    return Engine.connect()
 
 
 def engine_problem() -> str | None:
     """None when the engine DOCKER_HOST (or the local socket) names answers a ping, else why not."""
     try:
-        client = docker.from_env(timeout=PROBE_TIMEOUT_S)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+        Engine.connect(timeout=PROBE_TIMEOUT_S).close()
+    except MlserveError as exc:
+        cause = exc.__cause__  # the SDK's own words; the wrapper's message would repeat ours
+        return (str(cause) or type(cause).__name__) if cause is not None else exc.message
+    except (requests.exceptions.RequestException, OSError) as exc:  # what the wrapper leaves alone
         return str(exc) or type(exc).__name__
     return None
 

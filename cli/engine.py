@@ -7,13 +7,15 @@ else calls the SDK, so every failure reads the same way.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
+from docker.utils import parse_repository_tag
 
 from .errors import EngineUnavailableError, MlserveError
 
@@ -73,8 +75,13 @@ class Engine:
         self.client = client
 
     @classmethod
-    def connect(cls, timeout: int = 120) -> "Engine":
+    def connect(cls, timeout: int = 120) -> Engine:
         return cls(connect(timeout))
+
+    def close(self) -> None:
+        """Close the client's connections; the engine and what runs in it are not touched."""
+        with engine_errors("closing the connection"):
+            self.client.close()
 
     # containers ---------------------------------------------------------------------------
 
@@ -137,3 +144,16 @@ class Engine:
         """Start a build; the decoded progress stream. Errors while streaming stay the caller's to read."""
         with engine_errors("building the image"):
             return self.client.api.build(decode=True, **options)
+
+    def import_image(self, chunks: Iterable[bytes], ref: str, changes: Sequence[str] = ()) -> str:
+        """``docker import - ref``: an image from a tar stream of a root file system.
+
+        ``changes`` are Dockerfile instructions (LABEL, ENV, CMD ...) applied to it. Returns the
+        engine's answer. Raises EngineUnavailableError, or MlserveError when the engine refuses it.
+        """
+        repository, tag = parse_repository_tag(ref)
+        with engine_errors(f"importing {ref}"):
+            answer = self.client.api.import_image(  # an iterator, which requests streams (a list it would form-encode)
+                src=iter(chunks), repository=repository, tag=tag or "latest", changes=list(changes), stream_src=True,
+            )
+        return str(answer)

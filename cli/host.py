@@ -25,9 +25,9 @@ def setup(report: Report) -> None:
     """
     started = time.monotonic()
     ensure_packages(report)
-    client = ensure_engine(report)
+    engine = ensure_engine(report)  # the one connection of the set-up
     try:
-        base = ensure_base_image(report, client)
+        base = ensure_base_image(report, engine)
     finally:
-        client.close()
+        engine.close()
     report(f"Ready in {time.monotonic() - started:.1f}s: builds start from {base}.")

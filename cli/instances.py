@@ -156,7 +156,10 @@ class Instances:
             with self.state.lock():
                 for job in jobs:
                     self.state.delete_job(job.id)
-                self.router.apply()
+                try:
+                    self.router.apply()
+                except MlserveError as exc:  # cleaning up: the error that brought us here is the one to show
+                    self.report(f"Notice: the gateway could not be updated: {exc.message}")
             for job in jobs:
                 shutil.rmtree(self.platform.home.run_dir(job.id), ignore_errors=True)
                 shutil.rmtree(self.platform.home.output_dir(job.id), ignore_errors=True)

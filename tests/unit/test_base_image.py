@@ -1,5 +1,5 @@
 """The base image builds start from: present, pulled, or made by debootstrap; with fakes for the
-engine's images and subprocess.run. One check imports into the real engine."""
+client's images under a real Engine, and for subprocess.run. One check imports into the real engine."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from types import SimpleNamespace
 
 import docker.errors
 import pytest
+
 from mlserve import base_image
 from mlserve.constants import LOCAL_BASE_IMAGE
+from mlserve.engine import Engine
 from mlserve.errors import SetupError
 
 from .host_fakes import ALL_PROGRAMS, Install, make_machine
@@ -48,15 +50,16 @@ class FakeImages:
         self.present.add(ref)
 
 
-def fake_client(images: FakeImages) -> SimpleNamespace:
-    return SimpleNamespace(images=images)
+def fake_engine(images: FakeImages) -> Engine:
+    """The real Engine over a client whose images are fake: its error handling is what runs."""
+    return Engine(SimpleNamespace(images=images))
 
 
 @pytest.fixture
 def builds(machine, monkeypatch):
     machine(ALL_PROGRAMS)
     built: list[str] = []
-    monkeypatch.setattr(base_image, "build_local_base", lambda client, tag, report: built.append(tag))
+    monkeypatch.setattr(base_image, "build_local_base", lambda engine, tag, report: built.append(tag))
     return built
 
 
@@ -67,20 +70,20 @@ def builds(machine, monkeypatch):
 ])
 def test_a_present_base_is_enough(builds, present, expected):
     images = FakeImages(present)
-    assert base_image.ensure_base_image(lambda _: None, fake_client(images)) == expected
+    assert base_image.ensure_base_image(lambda _: None, fake_engine(images)) == expected
     assert images.pulled == [] and builds == []
 
 
 def test_pulls_the_default_when_it_can(builds):
     images = FakeImages(set())
-    assert base_image.ensure_base_image(lambda _: None, fake_client(images)) == DEFAULT_IMAGE
+    assert base_image.ensure_base_image(lambda _: None, fake_engine(images)) == DEFAULT_IMAGE
     assert images.pulled == [DEFAULT_IMAGE] and builds == []
 
 
 def test_builds_the_local_base_when_nothing_can_be_pulled(builds):
     messages: list[str] = []
     images = FakeImages(set(), pull_error=UNREACHABLE)
-    assert base_image.ensure_base_image(messages.append, fake_client(images), tag="mlserve/base:x") == "mlserve/base:x"
+    assert base_image.ensure_base_image(messages.append, fake_engine(images), tag="mlserve/base:x") == "mlserve/base:x"
     assert builds == ["mlserve/base:x"]
     assert any("cannot pull (Get \"https://registry-1.docker.io/v2/\": no such host)" in m for m in messages)
 
@@ -90,7 +93,7 @@ def test_a_hanging_pull_is_given_up(builds, monkeypatch):
     images = FakeImages(set(), pull_blocks=True, pull_error=UNREACHABLE)
     started = time.monotonic()
     try:
-        assert base_image.pull(fake_client(images), DEFAULT_IMAGE, lambda _: None, timeout=0.2) is False
+        assert base_image.pull(fake_engine(images), DEFAULT_IMAGE, lambda _: None, timeout=0.2) is False
     finally:
         images.release.set()
     assert time.monotonic() - started < 2
@@ -99,7 +102,7 @@ def test_a_hanging_pull_is_given_up(builds, monkeypatch):
 def test_not_root_cannot_build_the_base(builds, monkeypatch):
     monkeypatch.setattr(base_image.os, "geteuid", lambda: 1000)
     with pytest.raises(SetupError, match="cannot be pulled") as caught:
-        base_image.ensure_base_image(lambda _: None, fake_client(FakeImages(set(), pull_error=UNREACHABLE)))
+        base_image.ensure_base_image(lambda _: None, fake_engine(FakeImages(set(), pull_error=UNREACHABLE)))
     assert "as root" in caught.value.hint and builds == []
 
 
@@ -107,7 +110,7 @@ def test_debootstrap_command_and_cleanup(machine, monkeypatch):
     _, run = machine(ALL_PROGRAMS)
     imported: list[tuple[Path, str, int]] = []
 
-    def fake_import(client, root: Path, tag: str) -> None:
+    def fake_import(engine, root: Path, tag: str) -> None:
         (root / "etc").mkdir()  # what debootstrap would have left
         imported.append((root, tag, root.stat().st_mode & 0o777))
 
@@ -137,7 +140,7 @@ def test_import_tree_makes_a_labelled_image(docker_client, tmp_path):
     (tmp_path / "hello.txt").write_text("hi\n")
     tag = f"mlserve/test-import:{uuid.uuid4().hex[:12]}"
     try:
-        base_image.import_tree(docker_client, tmp_path, tag)
+        base_image.import_tree(Engine(docker_client), tmp_path, tag)
         config = docker_client.images.get(tag).attrs["Config"]
         assert config["Labels"] == {base_image.LABEL_BASE: "debootstrap-bookworm"}
         assert config["Cmd"] == ["python3"] and "LANG=C.UTF-8" in config["Env"]

@@ -1,5 +1,5 @@
 """Starting the Docker engine: when dockerd is started, waited for, or not touched; with fakes for
-Popen and the engine's ping."""
+Popen, the engine's ping and Engine.connect."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
 from mlserve import dockerd
 from mlserve.errors import EngineUnavailableError
 
@@ -42,11 +43,11 @@ class FakeDockerd:
 
 @pytest.fixture
 def engine_down(machine, monkeypatch):
-    """The engine does not answer until FakeDockerd starts it; connect() returns a token."""
+    """The engine does not answer until FakeDockerd starts it; Engine.connect() returns a token."""
     machine(ALL_PROGRAMS)
     state = {"up": False}
     monkeypatch.setattr(dockerd, "engine_problem", lambda: None if state["up"] else "connection refused")
-    monkeypatch.setattr(dockerd, "connect", lambda: "client")
+    monkeypatch.setattr(dockerd, "Engine", SimpleNamespace(connect=lambda timeout=120: "client"))
     return state
 
 
@@ -118,3 +119,11 @@ def test_no_dockerd_installed_points_to_setup(machine, monkeypatch):
     with pytest.raises(EngineUnavailableError) as caught:
         dockerd.ensure_engine(lambda _: None)
     assert "dockerd is not installed" in caught.value.message and "docker.io" in caught.value.hint
+
+
+def test_engine_problem_gives_the_sdks_reason_not_an_exception(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent.sock")
+    problem = dockerd.engine_problem()
+    assert problem is not None and "No such file or directory" in problem
+    monkeypatch.setenv("DOCKER_HOST", "garbage://x")
+    assert "garbage://x" in (dockerd.engine_problem() or "")

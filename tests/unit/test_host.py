@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from mlserve import base_image, dockerd, host
+
+from mlserve import dockerd, host
 from mlserve.constants import LOCAL_BASE_IMAGE
-from mlserve.engine import connect
+from mlserve.engine import Engine
 from mlserve.errors import EngineUnavailableError
 
 DEFAULT_IMAGE = "python:3.11-slim"
@@ -20,7 +21,7 @@ CLI = Path(host.__file__).parent
 SPLIT = ("host.py", "apt.py", "dockerd.py", "base_image.py", "programs.py")
 
 
-class FakeClient:
+class FakeEngine:
     def __init__(self, calls: list[str]) -> None:
         self.calls = calls
 
@@ -32,9 +33,9 @@ class FakeClient:
 def steps(monkeypatch) -> list[str]:
     calls: list[str] = []
     monkeypatch.setattr(host, "ensure_packages", lambda report: calls.append("packages") or [])
-    monkeypatch.setattr(host, "ensure_engine", lambda report: calls.append("engine") or FakeClient(calls))
+    monkeypatch.setattr(host, "ensure_engine", lambda report: calls.append("engine") or FakeEngine(calls))
 
-    def base(report, client: FakeClient) -> str:
+    def base(report, engine: FakeEngine) -> str:
         calls.append("base")
         return "mlserve/base:bookworm"
 
@@ -42,15 +43,15 @@ def steps(monkeypatch) -> list[str]:
     return calls
 
 
-def test_setup_runs_packages_engine_base_in_order_and_closes_the_client(steps):
+def test_setup_runs_packages_engine_base_in_order_and_closes_the_engine(steps):
     messages: list[str] = []
     host.setup(messages.append)
     assert steps == ["packages", "engine", "base", "close"]
     assert messages[-1].startswith("Ready in ") and messages[-1].endswith("builds start from mlserve/base:bookworm.")
 
 
-def test_setup_closes_the_client_when_the_base_fails(steps, monkeypatch):
-    def broken(report, client):
+def test_setup_closes_the_engine_when_the_base_fails(steps, monkeypatch):
+    def broken(report, engine):
         raise EngineUnavailableError("the engine went away")
 
     monkeypatch.setattr(host, "ensure_base_image", broken)
@@ -93,8 +94,8 @@ def test_setup_on_this_machine_is_idempotent_and_fast():
     host.setup(messages.append)
     assert time.monotonic() - started < 2, messages
     assert dockerd.engine_problem() is None
-    client = connect()
+    engine = Engine.connect()
     try:
-        assert any(base_image._image_exists(client, ref) for ref in (DEFAULT_IMAGE, LOCAL_BASE_IMAGE))
+        assert any(engine.image_exists(ref) for ref in (DEFAULT_IMAGE, LOCAL_BASE_IMAGE))
     finally:
-        client.close()
+        engine.close()
