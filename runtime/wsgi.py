@@ -49,11 +49,11 @@ class Instance:
             probe.pop(HEALTH_VAR, None)
             seen: list[str] = []
             try:
-                def start_response(status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:
-                    seen.append(status)
+                def record(app_status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:
+                    seen.append(app_status)
                     return lambda data: None
 
-                body = self.loaded.wsgi(probe, start_response)
+                body = self.loaded.wsgi(probe, record)
                 try:
                     for _ in body:
                         pass

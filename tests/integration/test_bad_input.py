@@ -5,15 +5,13 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import make_mlserve, teardown_mlserve
+from tests.harness import labelled_containers, make_mlserve, teardown_mlserve
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +27,12 @@ def running(mlserve_module, tmp_path_factory):
     return mlserve_module, out
 
 
-def _containers(client, home: Path) -> list:
-    return client.containers.list(all=True, filters={"label": f"io.mlserve.home={home}"})
-
-
 def assert_nothing_left(ms, out, client) -> None:
     jobs = ms.json("status", "--all")
     assert [j["job"] for j in jobs] == [out["job"]], jobs
-    assert len(_containers(client, ms.home)) == 1
+    assert len(labelled_containers(client, ms.home)) == 1
     assert requests.get(out["endpoint"], timeout=10).status_code == 200
-    conf = (ms.home / "gateway" / "nginx.conf").read_text()
+    conf = ms.gateway_conf()
     assert conf.count("unix:") == 2  # the running job, in its own and its project's upstream
 
 
@@ -147,7 +141,7 @@ def test_nginx_not_installed(running, docker_client, tmp_path):
         assert result.returncode != 0
         assert "apt-get install -y nginx-light" in result.stderr
         assert fresh.json("status", "--all") == []
-        assert not _containers(docker_client, fresh.home)
+        assert not labelled_containers(docker_client, fresh.home)
     finally:
         teardown_mlserve(fresh, docker_client)
     assert_nothing_left(ms, out, docker_client)
@@ -163,7 +157,7 @@ def test_gateway_port_in_use(docker_client, nginx_available, tmp_path):
         assert result.returncode != 0
         assert str(fresh.port) in result.stderr and "MLSERVE_GATEWAY_PORT" in result.stderr
         assert fresh.json("status", "--all") == []
-        assert not _containers(docker_client, fresh.home)
+        assert not labelled_containers(docker_client, fresh.home)
     finally:
         blocker.close()
         teardown_mlserve(fresh, docker_client)
@@ -174,10 +168,7 @@ def test_ctrl_c_during_build_leaves_nothing(running, docker_client, tmp_path):
     # The import check sleeps, so the build is surely running when Ctrl-C comes.
     folder = _project(tmp_path, "import time\ntime.sleep(60)\n" + WSGI)
     before = {c.id for c in docker_client.containers.list(all=True)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlserve", "run", "--mode", "serve", "--project", "slowbuild"],
-        cwd=folder, env=ms.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    process = ms.start("run", "--mode", "serve", "--project", "slowbuild", cwd=folder)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         # The check step's container appears once the build reaches it.

@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
-from tests.conftest import EXAMPLES
+from tests.harness import EXAMPLES
 
 pytestmark = pytest.mark.integration
 

@@ -7,76 +7,24 @@ from __future__ import annotations
 import concurrent.futures
 import shutil
 import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+
+from tests.harness import (
+    Load,
+    job_container,
+    job_upstreams,
+    labelled_containers,
+    served_jobs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 APPS = Path(__file__).parent / "apps"
-LOAD_LIMIT_S = 60  # no load runs longer than this, whatever happens
-
-
-@dataclass
-class Load:
-    """GET requests from a few threads until stopped (or LOAD_LIMIT_S); counts every failure."""
-
-    url: str
-    threads: int = 4
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._loop, daemon=True) for _ in range(self.threads)]
-
-    def _loop(self) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        # Like curl and browsers: a GET sent on a reused keep-alive connection that the gateway
-        # closed (a reload closes idle ones) is retried on a new connection. Any answer counts.
-        retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
-        session.mount("http://", HTTPAdapter(max_retries=retry))
-        deadline = time.monotonic() + LOAD_LIMIT_S
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                answer = session.get(self.url, timeout=30)
-                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:100]}"
-            except requests.RequestException as exc:
-                failure = repr(exc)
-            with self._lock:
-                if failure:
-                    self.failures.append(failure)
-                else:
-                    self.ok += 1
-
-    def __enter__(self) -> "Load":
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=LOAD_LIMIT_S)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
 
 
 @pytest.fixture
@@ -86,57 +34,43 @@ def healing(tmp_path) -> Path:
     return target
 
 
-def _jobs(mlserve) -> dict[str, dict]:
-    return {j["job"]: j for j in mlserve.json("status")}
-
-
-def _container(docker_client, mlserve, job_id: str):
-    found = docker_client.containers.list(
-        all=True, filters={"label": [f"io.mlserve.home={mlserve.home}", f"io.mlserve.job={job_id}"]})
-    return found[0] if found else None
-
-
-def _served(project_endpoint: str, n: int) -> set[str]:
-    return {requests.get(project_endpoint, timeout=10).json()["job"] for _ in range(n)}
-
-
 def test_kill_9_of_one_instance_under_load_loses_no_request(mlserve, healing, docker_client):
     out = mlserve.json("run", "--mode", "serve", cwd=healing)
     mlserve("scale", "3", cwd=healing)
     victim = out["id"]
-    container = _container(docker_client, mlserve, victim)
+    container = job_container(docker_client, mlserve.home, victim)
     with Load(out["project_endpoint"]) as load:
         time.sleep(2)
         container.kill(signal="SIGKILL")
         killed_at = time.monotonic()
-        back = wait_for(lambda: _jobs(mlserve)[out["job"]]["healthy"] and
-                        _jobs(mlserve)[out["job"]]["restarts"] >= 1, timeout=30)
+        back = wait_for(lambda: mlserve.jobs()[out["job"]]["healthy"] and
+                        mlserve.jobs()[out["job"]]["restarts"] >= 1, timeout=30)
         back_after = time.monotonic() - killed_at
         time.sleep(2)
     assert load.failures == [], load.failures[:5]
     assert load.ok > 50
     assert back, "the killed instance did not come back"
     assert back_after <= 15, back_after
-    assert out["job"] in _served(out["project_endpoint"], 12)
+    assert out["job"] in served_jobs(out["project_endpoint"], 12)
     assert "supervisor: running" in mlserve("gateway", "status").stdout
 
 
 def test_hanging_health_path_leaves_rotation_and_is_restarted(mlserve, healing):
     sick = mlserve.json("run", "--mode", "serve", cwd=healing)
     mlserve("scale", "2", cwd=healing)
-    well = next(j for j in _jobs(mlserve).values() if j["id"] != sick["id"])
+    well = next(j for j in mlserve.jobs().values() if j["id"] != sick["id"])
     assert requests.post(sick["endpoint"] + "/sick", timeout=10).json() == {"sick": True}
     started = time.monotonic()
     with Load(sick["project_endpoint"], threads=2) as load:
-        out_of_rotation = wait_for(lambda: not _jobs(mlserve)[sick["job"]]["healthy"], timeout=20)
+        out_of_rotation = wait_for(lambda: not mlserve.jobs()[sick["job"]]["healthy"], timeout=20)
         left_after = time.monotonic() - started
         assert out_of_rotation, "the sick job stayed in rotation"
-        assert _served(sick["project_endpoint"], 6) == {well["job"]}
-        back = wait_for(lambda: (j := _jobs(mlserve)[sick["job"]])["healthy"] and j["restarts"] >= 1, timeout=60)
+        assert served_jobs(sick["project_endpoint"], 6) == {well["job"]}
+        back = wait_for(lambda: (j := mlserve.jobs()[sick["job"]])["healthy"] and j["restarts"] >= 1, timeout=60)
     assert left_after <= 10, left_after
     assert back, "the sick job was not restarted back to health"
     assert load.failures == [], load.failures[:5]
-    assert _served(sick["project_endpoint"], 12) == {sick["job"], well["job"]}
+    assert served_jobs(sick["project_endpoint"], 12) == {sick["job"], well["job"]}
 
 
 def test_scale_down_and_stop_under_load_lose_no_request(mlserve, healing):
@@ -146,13 +80,13 @@ def test_scale_down_and_stop_under_load_lose_no_request(mlserve, healing):
         time.sleep(1)
         mlserve("scale", "1", cwd=healing)
         time.sleep(1)
-        remaining = list(_jobs(mlserve))
+        remaining = list(mlserve.jobs())
         mlserve("scale", "--add", "1", cwd=healing)
         mlserve("stop", remaining[0])
         time.sleep(1)
     assert load.failures == [], load.failures[:5]
     assert load.ok > 50
-    assert len(_jobs(mlserve)) == 1
+    assert len(mlserve.jobs()) == 1
 
 
 def test_max_runtime_stops_the_job_and_status_shows_time_left(mlserve, healing):
@@ -235,18 +169,16 @@ def test_paths_that_climb_out_of_an_endpoint_never_reach_another_job(mlserve, he
 def test_twenty_concurrent_commands_leave_state_containers_and_routes_in_agreement(mlserve, healing, docker_client):
     mlserve("run", "--mode", "serve", cwd=healing)
     commands = [["scale", str(n % 4 + 1)] if n % 3 else ["run", "--mode", "serve"] for n in range(20)]
-    procs = [subprocess.Popen([sys.executable, "-m", "mlserve", *args], cwd=healing, env=mlserve.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in commands]
+    procs = [mlserve.start(*args, cwd=healing) for args in commands]
     for proc in procs:
         proc.communicate(timeout=900)
         assert proc.returncode == 0
     jobs = mlserve.json("status")
     ids = {j["id"] for j in jobs}
-    containers = docker_client.containers.list(all=True, filters={"label": f"io.mlserve.home={mlserve.home}"})
+    containers = labelled_containers(docker_client, mlserve.home)
     assert {c.labels["io.mlserve.job"] for c in containers} == ids
     assert all(c.status == "running" for c in containers)
-    conf = (mlserve.home / "gateway" / "nginx.conf").read_text()
-    routed = {line.split("job_")[1].split()[0] for line in conf.splitlines() if line.strip().startswith("upstream job_")}
+    routed = job_upstreams(mlserve.gateway_conf())
     assert routed == ids
     numbers = sorted(int(j["job"].rsplit("/", 1)[1]) for j in mlserve.json("status", "--all"))
     assert len(numbers) == len(set(numbers))

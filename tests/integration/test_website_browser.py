@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import EXAMPLES
+from tests.harness import EXAMPLES
 
 pytestmark = pytest.mark.integration
 

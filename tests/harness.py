@@ -1,0 +1,246 @@
+"""Drives a real mlserve from outside, as its users do: the `mlserve` command against an isolated home,
+waits, label lookups, the rendered gateway configuration and a background GET load.
+
+Shared by the integration tests (through tests/conftest.py) and the benchmarks (bench/). No pytest here:
+bench/run.py imports it as a script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from mlserve.constants import LABEL_HOME, LABEL_JOB, LABEL_PROJECT
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+    from docker.models.containers import Container
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+T = TypeVar("T")
+
+
+class CommandError(AssertionError):
+    """An `mlserve` command exited non-zero. An AssertionError, so that a test reports it as its failure."""
+
+
+# What "not yet" looks like while something comes back: a command or request that fails (the engine
+# restarts), a job not listed yet.
+NOT_YET: tuple[type[Exception], ...] = (CommandError, requests.RequestException, KeyError, OSError)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.25,
+             ignore: tuple[type[Exception], ...] = ()) -> T | None:
+    """The first true value of ``predicate()``, or None after ``timeout`` seconds.
+
+    An exception of a type in ``ignore`` counts as false; any other is raised."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except ignore:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+def seconds_until(predicate: Callable[[], object], timeout: float, interval: float = 0.25) -> float | None:
+    """Seconds until ``predicate()`` was true, or None after ``timeout``; the NOT_YET errors count as false."""
+    started = time.monotonic()
+    if wait_for(predicate, timeout, interval, ignore=NOT_YET) is None:
+        return None
+    return time.monotonic() - started
+
+
+@dataclass
+class Mlserve:
+    """Runs the real `mlserve` command against an isolated home and gateway port."""
+
+    home: Path
+    port: int
+    env: dict[str, str]
+    timeout: float = 600  # seconds a command may take where a call does not say
+
+    def __call__(self, *args: str, cwd: Path | None = None, check: bool = True, timeout: float | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Runs `mlserve ARGS` to its end; raises CommandError if it exits non-zero and ``check``."""
+        result = subprocess.run(
+            [sys.executable, "-m", "mlserve", *args], cwd=cwd, env={**self.env, **(env or {})},
+            capture_output=True, text=True, timeout=self.timeout if timeout is None else timeout, check=False,
+        )
+        if check and result.returncode != 0:
+            raise CommandError(f"mlserve {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, *args: str, cwd: Path | None = None, timeout: float | None = None) -> Any:
+        return json.loads(self(*args, "--json", cwd=cwd, timeout=timeout).stdout)
+
+    def timed(self, *args: str, cwd: Path | None = None,
+              timeout: float | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
+        """Seconds `mlserve ARGS` took, and its result; raises CommandError as a call does."""
+        started = time.perf_counter()
+        result = self(*args, cwd=cwd, timeout=timeout)
+        return time.perf_counter() - started, result
+
+    def start(self, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+        """Starts `mlserve ARGS` without waiting; its output is piped, as text."""
+        return subprocess.Popen([sys.executable, "-m", "mlserve", *args], cwd=cwd, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        """The running jobs by name (owner/projects/project/N), from `status --json`."""
+        return {j["job"]: j for j in self.json("status", timeout=60)}
+
+    def gateway_conf(self) -> str:
+        """The nginx configuration the gateway runs with."""
+        return (self.home / "gateway" / "nginx.conf").read_text()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def make_mlserve(owner: str = "tester", timeout: float = 600) -> Mlserve:
+    """A new, empty home (under /tmp) and a free gateway port, for jobs owned by ``owner``."""
+    # Short paths: unix socket paths under the home must stay under 108 bytes.
+    home = Path(tempfile.mkdtemp(prefix="mls", dir="/tmp"))
+    port = free_port()
+    env = {**os.environ, "MLSERVE_HOME": str(home), "MLSERVE_GATEWAY_PORT": str(port), "MLSERVE_OWNER": owner}
+    return Mlserve(home, port, env, timeout)
+
+
+def teardown_mlserve(ms: Mlserve, client: DockerClient | None = None) -> None:
+    """Stops every job of ``ms`` and its gateway, removes the containers labelled with its home (given a
+    client) and deletes the home. Every step runs even if one before it failed; the failure is raised."""
+    with contextlib.ExitStack() as steps:  # runs the callbacks last-registered first
+        steps.callback(shutil.rmtree, ms.home, ignore_errors=True)
+        if client is not None:
+            steps.callback(_remove_containers, client, ms.home)
+        steps.callback(ms, "gateway", "stop", check=False)
+        steps.callback(ms, "stop", "--all", check=False, timeout=300)
+
+
+def _remove_containers(client: DockerClient, home: Path) -> None:
+    for container in labelled_containers(client, home):
+        container.remove(force=True)
+
+
+def labelled_containers(client: DockerClient, home: Path, *, job: str | None = None, project: str | None = None,
+                        stopped: bool = True) -> list[Container]:
+    """The containers of the mlserve at ``home``, of one job (endpoint id) or project if given; ``stopped``
+    ones too unless told not to."""
+    labels = [f"{LABEL_HOME}={home}"]
+    if job is not None:
+        labels.append(f"{LABEL_JOB}={job}")
+    if project is not None:
+        labels.append(f"{LABEL_PROJECT}={project}")
+    return client.containers.list(all=stopped, filters={"label": labels})
+
+
+def job_container(client: DockerClient, home: Path, job_id: str) -> Container | None:
+    """The container of the job with endpoint id ``job_id``, or None."""
+    found = labelled_containers(client, home, job=job_id)
+    return found[0] if found else None
+
+
+def project_upstream(conf: str) -> str:
+    """The text of the project upstream blocks of a rendered gateway configuration."""
+    return "\n".join(re.findall(r"upstream project_\w+ \{[^}]*\}", conf))
+
+
+def job_upstreams(conf: str) -> set[str]:
+    """The endpoint ids that a rendered gateway configuration has a job upstream for."""
+    return {line.split("job_")[1].split()[0] for line in conf.splitlines() if line.strip().startswith("upstream job_")}
+
+
+def served_jobs(project_endpoint: str, n: int) -> set[str]:
+    """The job names that answer ``n`` GETs on a project endpoint (the apps under test name their job)."""
+    return {requests.get(project_endpoint, timeout=10).json()["job"] for _ in range(n)}
+
+
+class Load:
+    """GET requests from a few threads until stopped (or ``limit`` seconds); counts every failure.
+
+    A failure is an answer other than 200, or a socket error or timeout, kept with the seconds into
+    the load it began at. Loopback only."""
+
+    def __init__(self, url: str, threads: int = 4, timeout: float = 30, limit: float = 60) -> None:
+        self.url, self.timeout, self.limit = url, timeout, limit
+        self.ok = 0
+        self.failures: list[tuple[float, str]] = []
+        self.max_latency = 0.0
+        self.started = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        session = requests.Session()
+        session.trust_env = False
+        # As curl and browsers do: a GET on a reused keep-alive connection that the gateway closed
+        # (a reload closes idle ones) is retried on a new one; any HTTP answer counts as it is.
+        retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
+        session.mount("http://", HTTPAdapter(max_retries=retry))
+        while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
+            began = time.monotonic()
+            try:
+                answer = session.get(self.url, timeout=self.timeout)
+                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:120].strip()}"
+            except requests.RequestException as exc:
+                failure = f"{type(exc).__name__}: {str(exc)[:160]}"
+            took = time.monotonic() - began
+            with self._lock:
+                self.max_latency = max(self.max_latency, took)
+                if failure:
+                    self.failures.append((began - self.started, failure))
+                else:
+                    self.ok += 1
+
+    def __enter__(self) -> Self:
+        self.started = time.monotonic()
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=self.limit)
+
+    def describe(self) -> str:
+        """Answers, the slowest, and the commonest failures with when they happened."""
+        text = f"{self.ok} ok, max latency {self.max_latency:.1f}s"
+        if self.failures:
+            kinds: dict[str, int] = {}
+            for _, failure in self.failures:
+                kinds[failure[:60]] = kinds.get(failure[:60], 0) + 1
+            text += "; failures: " + "; ".join(f"{n}x {kind}" for kind, n in list(kinds.items())[:3])
+            text += f" (at {self.failures[0][0]:.1f}s..{self.failures[-1][0]:.1f}s of the load)"
+        return text
