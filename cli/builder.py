@@ -9,10 +9,10 @@ import os
 import re
 import tarfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from collections.abc import Callable, Iterable
 
 from .constants import (
     CONTAINER_UID,

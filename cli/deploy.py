@@ -81,7 +81,8 @@ class Deployer:
             options=config.options, max_runtime_s=max_runtime_s,
         )
         try:
-            jobs = self.instances.create(owner, project, spec, count=1)
+            with self.state.project_lock(owner, project):
+                jobs = self.instances.create(owner, project, spec, count=1)
         except BaseException:
             self._discard_unused(runtime, [built.artifact])  # an image no job runs is a leftover
             raise
@@ -105,7 +106,11 @@ class Deployer:
     def scale(self, owner: str, project: str, replicas: int | None = None, add: int | None = None) -> list[Job]:
         """Make the project have ``replicas`` active jobs (or ``add`` more): new ones copy the newest job,
         and scaling down stops the oldest first. The decision is made under the state lock; starting
-        and draining happen outside it."""
+        and draining happen outside it (under the project's lock: one run or scale of a project at a time)."""
+        with self.state.project_lock(owner, project):
+            return self._scale(owner, project, replicas, add)
+
+    def _scale(self, owner: str, project: str, replicas: int | None, add: int | None) -> list[Job]:
         grow: list[Job] = []
         shrink: list[Job] = []
         with self.state.lock():

@@ -97,9 +97,16 @@ class Engine:
                 return None
 
     def containers(self, labels: dict[str, str]) -> list[Container]:
-        """Containers (running or not) that carry all of ``labels``."""
+        """Containers (running or not) that carry all of ``labels``; one removed while they are listed
+        is left out (the SDK's own list fails on it)."""
+        found = []
         with engine_errors("listing containers"):
-            return self.client.containers.list(all=True, filters={"label": _labels(labels)})
+            for summary in self.client.api.containers(all=True, filters={"label": _labels(labels)}):
+                try:
+                    found.append(self.client.containers.get(summary["Id"]))
+                except docker.errors.NotFound:
+                    continue
+        return found
 
     def stop(self, container: Container, timeout: int) -> None:
         """Stop (SIGTERM, then SIGKILL after ``timeout``) and remove; a container already gone is fine."""
@@ -109,6 +116,9 @@ class Engine:
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: another mlserve process is removing it already
+                    raise
 
     def restart(self, container: Container, timeout: int) -> None:
         with engine_errors(f"restarting container {container.id[:12]}"):

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-import requests
+from mlserve_runtime.logfile import truncate_if_large
 
-from mlserve.constants import ENDPOINT_ID_LENGTH
-from mlserve.errors import GatewayError, GatewayPortInUseError, NginxNotInstalledError
-from mlserve.home import Home
-from mlserve.host import find_program
-from mlserve.render import render
+from .constants import ENDPOINT_ID_LENGTH
+from .errors import GatewayError, GatewayPortInUseError, NginxNotInstalledError
+from .home import Home
+from .host import find_program
+from .render import render
 
 CONFIG_NAME = "nginx.conf"
-RELOAD_WAIT_S = 10.0
+LOG_NAMES = ("access.log", "error.log")
+RELOAD_WAIT_S = 10.0  # for a reload or a start to take effect on every worker
+ORPHAN_WAIT_S = 5.0  # for killed leftovers of an earlier nginx to be gone
+POLL_S = 0.02
 INSTALL_HINT = "Install it with `apt-get install -y nginx-light` (or `mlserve setup` as root), or point MLSERVE_NGINX at an nginx binary."
+
+# Only text of these shapes goes into nginx.conf: nothing an app or a user writes can end a string or a
+# directive there (the names are validated where they are made; this is defence in depth).
+PROJECT_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_-]*/projects/[a-z0-9][a-z0-9_-]*")
+JOB_NAME_RE = re.compile(rf"{PROJECT_KEY_RE.pattern}/[0-9]+")
+JOB_ID_RE = re.compile(rf"[A-Za-z0-9]{{{ENDPOINT_ID_LENGTH}}}")
+PATH_RE = re.compile(r"(/[A-Za-z0-9_.@+~-]+)+")
+HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 
 @dataclass(frozen=True)
@@ -36,14 +49,16 @@ class GatewaySettings:
 
 @dataclass(frozen=True)
 class Route:
-    """One job as the gateway sees it; only a healthy job takes traffic."""
+    """One job as the gateway sees it; only a healthy job takes traffic.
+
+    No free text: everything here is rendered into nginx.conf, so why a job is sick stays in the state.
+    """
 
     job_id: str
     name: str  # owner/projects/project/N
     project_key: str  # owner/projects/project
     socket: str
     healthy: bool  # healthy and running: it takes traffic
-    reason: str | None = None  # why it takes no traffic
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,16 @@ class GatewayStatus:
     url: str
     config: Path
     routes: int
+    orphans: tuple[int, ...] = ()  # nginx processes of this gateway left without their master
+
+
+def worker_processes() -> int:
+    return min(os.cpu_count() or 1, 4)
+
+
+def nginx_user() -> str | None:
+    # Started as root, nginx would run its workers as nobody, who may not reach the sockets and logs.
+    return "root" if os.geteuid() == 0 else None
 
 
 class Gateway:
@@ -91,9 +116,13 @@ class Gateway:
         return found
 
     def preflight(self) -> None:
-        """Fail early, before any build, when the gateway could not start: nginx missing, port taken."""
+        """Fail early, before any build, when the gateway could not start: nginx missing, port taken.
+
+        Leftovers of this gateway holding the port do not count: starting it removes them.
+        """
         self.nginx()
-        self._check_port()
+        if not self._orphans():
+            self._check_port()
 
     def _check_port(self) -> None:
         with socket.socket() as probe:
@@ -113,6 +142,50 @@ class Gateway:
             f"`MLSERVE_GATEWAY_PORT={port + 1} mlserve ...` or `mlserve gateway start --port {port + 1}`.",
         )
 
+    # -- rendering -----------------------------------------------------------------------------
+
+    def render(self, routes: Iterable[Route], projects: Iterable[str]) -> tuple[str, str]:
+        """nginx.conf for ``routes`` and its generation (a hash of it); ``projects`` are all known projects.
+
+        Raises GatewayError when a name, path or setting has a shape nginx.conf must not contain.
+        """
+        routes = sorted(routes, key=lambda r: r.name)
+        keys = sorted(set(projects) | {r.project_key for r in routes})
+        self._check_safe(routes, keys)
+        project_routes = [
+            ProjectRoutes(key, tuple(r.socket for r in routes if r.project_key == key and r.healthy)) for key in keys
+        ]
+        context = dict(
+            dir=str(self.dir), host=self.settings.host, port=self.settings.port,
+            body_limit_mb=self.settings.body_limit_mb, timeout_s=self.settings.timeout_s,
+            worker_processes=worker_processes(), id_length=ENDPOINT_ID_LENGTH,
+            user=nginx_user(), jobs=routes, projects=project_routes,
+        )
+        body = render("nginx.conf.j2", generation="GENERATION", **context)
+        generation = hashlib.sha256(body.encode()).hexdigest()[:16]
+        return body.replace("GENERATION", generation), generation
+
+    def _check_safe(self, routes: list[Route], keys: list[str]) -> None:
+        _require(PATH_RE, str(self.dir), "gateway directory (MLSERVE_HOME)")
+        _require(HOST_RE, self.settings.host, "gateway host")
+        for value, what in ((self.settings.port, "port"), (self.settings.body_limit_mb, "body limit"),
+                            (self.settings.timeout_s, "timeout")):
+            if type(value) is not int or value < 1:
+                raise GatewayError(f"refusing to render the gateway: {what} {value!r} is not a positive integer")
+        for key in keys:
+            _require(PROJECT_KEY_RE, key, "project")
+        for route in routes:
+            _require(JOB_ID_RE, route.job_id, "job id")
+            _require(JOB_NAME_RE, route.name, "job name")
+            if not route.name.startswith(f"{route.project_key}/"):
+                raise GatewayError(f"refusing to render the gateway: job {route.name} is not in project {route.project_key}")
+            self._require_socket(route.socket)
+
+    def _require_socket(self, path: str) -> None:
+        _require(PATH_RE, path, "socket path")
+        if not path.startswith(f"{self.home.root}/") or ".." in path.split("/"):
+            raise GatewayError(f"refusing to render the gateway: socket {path} is not under {self.home.root}")
+
     # -- running -------------------------------------------------------------------------------
 
     def pid(self) -> int | None:
@@ -127,33 +200,31 @@ class Gateway:
     def is_running(self) -> bool:
         return self.pid() is not None
 
-    def render(self, routes: Iterable[Route], projects: Iterable[str]) -> tuple[str, str]:
-        """nginx.conf for ``routes`` and its generation (a hash of it); ``projects`` are all known projects."""
-        routes = sorted(routes, key=lambda r: r.name)
-        keys = sorted(set(projects) | {r.project_key for r in routes})
-        project_routes = [
-            ProjectRoutes(key, tuple(r.socket for r in routes if r.project_key == key and r.healthy)) for key in keys
-        ]
-        context = dict(
-            dir=str(self.dir), host=self.settings.host, port=self.settings.port,
-            body_limit_mb=self.settings.body_limit_mb, timeout_s=self.settings.timeout_s,
-            worker_processes=min(os.cpu_count() or 1, 4), id_length=ENDPOINT_ID_LENGTH,
-            user="root" if os.geteuid() == 0 else None, jobs=routes, projects=project_routes,
-        )
-        body = render("nginx.conf.j2", generation="GENERATION", **context)
-        generation = hashlib.sha256(body.encode()).hexdigest()[:16]
-        return body.replace("GENERATION", generation), generation
-
     def apply(self, routes: Iterable[Route], projects: Iterable[str] = ()) -> None:
-        """Render, check with ``nginx -t``, then start nginx or reload it gracefully and wait until it serves.
+        """Render, check with ``nginx -t``, then start nginx or reload it gracefully.
 
+        Returns once every worker that accepts connections serves the new configuration.
         Raises NginxNotInstalledError, GatewayPortInUseError or GatewayError (with nginx's words).
         """
         nginx = self.nginx()
         text, generation = self.render(routes, projects)
-        running = self.is_running()
-        if running and self.config.exists() and self.config.read_text() == text:
+        master = self.pid()
+        if master is not None and self.config.exists() and self.config.read_text() == text:
             return
+        candidate = self._checked(nginx, text)
+        if master is not None and self._listen_line() not in self.config.read_text():
+            self._check_port()  # a new port: nginx would fail to bind it only after the reload
+        candidate.replace(self.config)
+        old_workers = self._reload(master) if master is not None else None
+        if old_workers is None:
+            self._start(nginx)
+        self._wait_for(generation, old_workers or set())
+
+    def _listen_line(self) -> str:
+        return f"listen {self.settings.host}:{self.settings.port} "
+
+    def _checked(self, nginx: str, text: str) -> Path:
+        """``text`` written beside the configuration once ``nginx -t`` accepts it."""
         for folder in ("tmp/body", "tmp/uwsgi", "tmp/proxy", "tmp/fastcgi", "tmp/scgi"):
             (self.dir / folder).mkdir(parents=True, exist_ok=True)
         candidate = self.dir / f"{CONFIG_NAME}.new"
@@ -164,19 +235,25 @@ class Gateway:
             if "Address already in use" in check.stderr:
                 raise self._port_in_use()
             raise GatewayError("the rendered gateway configuration is invalid", _tail(check.stderr))
-        if running and f"listen {self.settings.host}:{self.settings.port} " not in self.config.read_text():
-            self._check_port()  # a new port: nginx would fail to bind it only after the reload
-        candidate.replace(self.config)
-        if running:
-            os.kill(self.pid() or 0, signal.SIGHUP)
-        else:
-            self._check_port()
-            started = self._nginx(nginx, "-c", str(self.config))
-            if started.returncode != 0:
-                if "Address already in use" in started.stderr:
-                    raise self._port_in_use()
-                raise GatewayError("nginx failed to start", _tail(started.stderr))
-        self._wait_for(generation)
+        return candidate
+
+    def _reload(self, master: int) -> set[int] | None:
+        """SIGHUP the master; the workers it had before (they must stop accepting), or None when it is gone."""
+        workers = _children(master)
+        try:
+            os.kill(master, signal.SIGHUP)
+        except ProcessLookupError:
+            return None  # died since we looked: its workers are orphans now, _start removes them
+        return workers if self.pid() == master else None  # a dead master not yet reaped takes signals too
+
+    def _start(self, nginx: str) -> None:
+        self._kill_orphans()
+        self._check_port()
+        started = self._nginx(nginx, "-c", str(self.config))
+        if started.returncode != 0:
+            if "Address already in use" in started.stderr:
+                raise self._port_in_use()
+            raise GatewayError("nginx failed to start", _tail(started.stderr))
 
     def _nginx(self, nginx: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -184,41 +261,169 @@ class Gateway:
             capture_output=True, text=True, stdin=subprocess.DEVNULL,
         )
 
-    def _wait_for(self, generation: str) -> None:
-        """Until nginx answers with this configuration (a reload takes effect asynchronously)."""
+    def _wait_for(self, generation: str, old_workers: set[int]) -> None:
+        """Until nginx answers with this configuration and no worker from before the reload still accepts.
+
+        A reload takes effect asynchronously: the master starts new workers, then asks the old ones to
+        quit; until an old worker closes its listening socket it may take new connections with old routes.
+        """
         deadline = time.monotonic() + RELOAD_WAIT_S
-        url = f"{self.url}/_mlserve/generation"
-        session = requests.Session()
-        session.trust_env = False  # loopback: never through a proxy from the environment
         while True:
-            try:
-                if session.get(url, timeout=2).text.strip() == generation:
-                    return
-            except requests.RequestException:
-                pass
+            stale = _listening(old_workers)
+            if not stale and self._generation() == generation:
+                return
             if time.monotonic() > deadline:
+                still = f"; workers {sorted(stale)} from before it still accept connections" if stale else ""
                 raise GatewayError(
-                    f"the gateway did not take its new configuration within {RELOAD_WAIT_S:g}s",
+                    f"the gateway did not take its new configuration within {RELOAD_WAIT_S:g}s{still}",
                     f"See {self.dir / 'error.log'}.",
                 )
-            time.sleep(0.05)
+            time.sleep(POLL_S)
+
+    def _generation(self) -> str | None:
+        """What a fresh connection is answered; None when nothing answers. No proxy: it is loopback."""
+        connection = http.client.HTTPConnection(self.settings.host, self.settings.port, timeout=2)
+        try:
+            connection.request("GET", "/_mlserve/generation")
+            return connection.getresponse().read().decode(errors="replace").strip()
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            connection.close()
 
     def stop(self, timeout: float = 30) -> bool:
-        """Stop nginx gracefully (requests in flight finish); False when it was not running."""
+        """Stop nginx gracefully (requests in flight finish) and any leftovers of an earlier one.
+
+        False when nothing of the gateway was running.
+        """
         pid = self.pid()
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGQUIT)
-        deadline = time.monotonic() + timeout
-        while self.pid() == pid and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.pid() == pid:
-            os.kill(pid, signal.SIGTERM)
-        return True
+        if pid is not None:
+            os.kill(pid, signal.SIGQUIT)
+            deadline = time.monotonic() + timeout
+            while self.pid() == pid and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.pid() == pid:
+                os.kill(pid, signal.SIGTERM)
+        return bool(self._kill_orphans()) or pid is not None
 
     def status(self) -> GatewayStatus:
         routes = self.config.read_text().count("upstream job_") if self.config.exists() else 0
-        return GatewayStatus(self.is_running(), self.pid(), self.url, self.config, routes)
+        return GatewayStatus(self.is_running(), self.pid(), self.url, self.config, routes, tuple(self._orphans()))
+
+    def cap_logs(self, max_bytes: int) -> list[Path]:
+        """Empty the gateway's logs that grew past ``max_bytes``; the ones it emptied.
+
+        nginx opens them for appending, so it writes on at the new end: no restart, no reopen.
+        """
+        return [path for path in (self.dir / name for name in LOG_NAMES) if truncate_if_large(str(path), max_bytes)]
+
+    # -- leftovers -----------------------------------------------------------------------------
+
+    def _orphans(self) -> list[int]:
+        """nginx processes holding this gateway's files that its running master does not own.
+
+        A master killed with -9 leaves its workers running, re-parented, on the port with old routes.
+        """
+        master = self.pid()
+        prefix = f"{self.dir}/"
+        found = []
+        for pid in _pids():
+            if pid == master or _comm(pid) != "nginx":
+                continue
+            state, parent = _state(pid)
+            if state in ("", "Z") or (master is not None and parent == master):
+                continue
+            if any(target.startswith(prefix) for target in _fd_targets(pid)):
+                found.append(pid)
+        return found
+
+    def _kill_orphans(self) -> list[int]:
+        """Kill the leftovers (their routes are stale, their master gone) and wait until they are."""
+        orphans = self._orphans()
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                raise GatewayError(f"an earlier nginx of this gateway (pid {pid}) cannot be stopped",
+                                   f"Stop it as its owner: `kill {pid}`.") from None
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while any(_state(pid)[0] not in ("", "Z") for pid in orphans):
+            if time.monotonic() > deadline:
+                raise GatewayError(f"earlier nginx processes of this gateway ({orphans}) did not exit")
+            time.sleep(POLL_S)
+        return orphans
+
+
+# -- /proc -------------------------------------------------------------------------------------
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> tuple[str, int]:
+    """A process's state letter and parent pid; ("", 0) when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "", 0
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may contain spaces and parentheses
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> set[int]:
+    return {child for child in _pids() if _state(child)[1] == pid}
+
+
+def _fd_targets(pid: int) -> list[str]:
+    fd_dir = f"/proc/{pid}/fd"
+    targets = []
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return []
+    for name in names:
+        try:
+            targets.append(os.readlink(f"{fd_dir}/{name}"))
+        except OSError:
+            continue  # closed meanwhile
+    return targets
+
+
+def _listening_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def _listening(pids: set[int]) -> set[int]:
+    """Those of ``pids`` that still hold a listening TCP socket (any port: after a port change, the old one too)."""
+    if not pids:
+        return set()
+    listening = {f"socket:[{inode}]" for inode in _listening_inodes()}
+    return {pid for pid in pids if listening.intersection(_fd_targets(pid))}
+
+
+def _require(pattern: re.Pattern[str], value: str, what: str) -> None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise GatewayError(f"refusing to render the gateway: {what} {value!r:.200} has characters nginx.conf must not contain")
 
 
 def _tail(text: str, lines: int = 10) -> str:

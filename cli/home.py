@@ -14,7 +14,7 @@ class Home:
     root: Path
 
     @classmethod
-    def from_env(cls) -> "Home":
+    def from_env(cls) -> Home:
         # Resolved: the home's path is matched in nginx's and the supervisor's command lines and in
         # container labels, so `/tmp/a/../b` and `/tmp/b` must be one home.
         root = Path(os.environ.get("MLSERVE_HOME") or Path.home() / ".mlserve").expanduser().resolve()

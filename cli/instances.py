@@ -13,8 +13,8 @@ import secrets
 import shutil
 import string
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
 from .actors import actor_alive, this_actor
 from .constants import DEFAULT_LOG_FILE_MAX_BYTES, DRAIN_GRACE_S, ENDPOINT_ID_LENGTH, MANIFEST_NAME

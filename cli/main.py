@@ -179,9 +179,9 @@ def _ago(seconds: float | None) -> str:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
     for row in [headers, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 @cli.command("status")

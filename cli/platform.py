@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Callable
 from functools import cached_property
-from typing import Callable
 
 from .constants import DEFAULT_BODY_LIMIT_MB, DEFAULT_GATEWAY_HOST, DEFAULT_GATEWAY_PORT, DEFAULT_TIMEOUT_S
 from .engine import Engine
@@ -19,7 +19,7 @@ from .runtimes.local import LocalRuntime
 from .state import StateStore
 
 # Each runtime is made from the platform; the core only ever names one by its job's spec.
-RUNTIME_FACTORIES: dict[str, Callable[["Platform"], Runtime]] = {
+RUNTIME_FACTORIES: dict[str, Callable[[Platform], Runtime]] = {
     "docker": lambda platform: DockerRuntime(platform.engine, platform.home),
     "local": lambda platform: LocalRuntime(platform.home),
 }

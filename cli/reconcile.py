@@ -9,8 +9,8 @@ way whoever notices it first.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from . import daemons
 from .actors import actor_alive

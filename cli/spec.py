@@ -7,8 +7,9 @@ migration in ``state`` upgrades stored rows, and a spec from a newer mlserve is 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .config import HEALTH_KEYS, LIMIT_KEYS, HealthPolicy, Limits, ValueProblem, max_runtime_s, whole
 from .constants import DEFAULT_BODY_LIMIT_MB, DEFAULT_MAX_RUNTIME_S, DEFAULT_TIMEOUT_S, DEFAULT_WORKERS
@@ -50,14 +51,14 @@ class JobSpec:
     body_limit_mb: int = DEFAULT_BODY_LIMIT_MB
     timeout_s: int = DEFAULT_TIMEOUT_S
 
-    def with_gateway(self, body_limit_mb: int, timeout_s: int) -> "JobSpec":
+    def with_gateway(self, body_limit_mb: int, timeout_s: int) -> JobSpec:
         return replace(self, body_limit_mb=body_limit_mb, timeout_s=timeout_s)
 
     def to_json(self) -> str:
         return json.dumps({"version": SPEC_VERSION, **asdict(self)}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "JobSpec":
+    def from_json(cls, text: str) -> JobSpec:
         """Read a stored spec. Raises StateError when it comes from a newer mlserve or is damaged."""
         try:
             data = json.loads(text)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any
 
 from filelock import FileLock
 
@@ -33,7 +34,7 @@ def _upgrade_job_specs(db: sqlite3.Connection) -> None:
         db.execute("UPDATE jobs SET settings = ?, spec_version = 2, reason = ? WHERE id = ?", (spec, reason, job_id))
 
 
-Migration = Union[str, Callable[[sqlite3.Connection], None]]
+Migration = str | Callable[[sqlite3.Connection], None]
 
 # Each entry upgrades the schema by one version; never edit a released entry, append one.
 MIGRATIONS: list[Migration] = [
@@ -138,6 +139,16 @@ class StateStore:
     def lock(self) -> Iterator[None]:
         """Serialise a mutating command against every other mlserve process on this home."""
         with self._lock:
+            yield
+
+    @contextmanager
+    def project_lock(self, owner: str, project: str) -> Iterator[None]:
+        """Serialise the commands that start jobs of one project (run, scale), across their health
+        waits, so that each sees what the one before it did. Other projects, `stop` and the
+        supervisor never wait for it. Taken before the state lock, never inside it."""
+        folder = self.home.root / "locks"
+        folder.mkdir(exist_ok=True)
+        with FileLock(str(folder / f"{owner}--{project}.lock")):
             yield
 
     @contextmanager

@@ -21,7 +21,7 @@ class JobView:
     endpoint: str
 
     @classmethod
-    def of(cls, job: Job, instance: InstanceState | None, endpoint: str) -> "JobView":
+    def of(cls, job: Job, instance: InstanceState | None, endpoint: str) -> JobView:
         if not job.active:
             return cls(job, job.state, False, None, endpoint)
         if instance is not None and not instance.running:

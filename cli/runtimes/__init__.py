@@ -7,9 +7,10 @@ runs, scales and stops jobs never asks which runtime it has.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from ..config import Limits
 from ..constants import SOCKET_NAME, UWSGI_INI_NAME

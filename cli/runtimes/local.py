@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from filelock import FileLock
 
@@ -197,7 +197,7 @@ class LocalRuntime:
         path = self.home.run_dir(job_id) / INSTANCE_LOG_NAME
         if not path.exists():
             return
-        with open(path, "r", errors="replace") as handle_:
+        with open(path, errors="replace") as handle_:
             lines = handle_.readlines()
             for line in lines[-tail:] if tail else lines:
                 yield line.rstrip("\n")

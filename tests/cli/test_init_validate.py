@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import pytest
 import yaml
+
 from mlserve.main import cli
 from mlserve.scaffold import TEMPLATES
 

@@ -119,7 +119,7 @@ def _wait_for_result(driver) -> str:
 
 @pytest.mark.parametrize("which", ["unique", "unique/", "project", "project/"])
 def test_page_uploads_and_shows_the_colourised_picture(browser, website, gray_picture, which):
-    url = dict(zip(["unique", "unique/", "project", "project/"], _endpoint_urls(website)))[which]
+    url = dict(zip(["unique", "unique/", "project", "project/"], _endpoint_urls(website), strict=True))[which]
     _upload(browser, url, gray_picture, "ocean")
     assert _wait_for_result(browser) == "Done."
 

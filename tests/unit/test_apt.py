@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from mlserve import apt
 from mlserve.errors import SetupError
 

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from mlserve.builder import ImageBuilder
 from mlserve.errors import UsageError
 from mlserve.project import (

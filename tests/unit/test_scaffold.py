@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from werkzeug.test import Client
+
 from mlserve.config import TOP_LEVEL, HealthPolicy, Limits, load_config
 from mlserve.errors import UsageError
 from mlserve.project import context_files
 from mlserve.scaffold import TEMPLATES, InitResult, init_project, scaffold
 from mlserve.validate import validate_app
-from werkzeug.test import Client
 
 BASE_FILES = {"app.py", "requirements.txt", "mlserve.yml", ".mlserveignore"}
 EXPECTED = {

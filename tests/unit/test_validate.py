@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from mlserve.errors import AppValidationError
 from mlserve.validate import AppReport, validate_app
 
