@@ -6,8 +6,9 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 APP_FILE = "app.py"
 APP_NAME = "app"
@@ -35,7 +36,7 @@ def is_asgi(obj: Any) -> bool:
     """ASGI apps are coroutine functions, or objects whose ``__call__`` is one (FastAPI, Starlette)."""
     if inspect.iscoroutinefunction(obj):
         return True
-    call = getattr(obj, "__call__", None)
+    call = getattr(obj, "__call__", None)  # noqa: B004 - the method itself: is it a coroutine function?
     return call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call)
 
 
