@@ -4,6 +4,7 @@ a stopped gateway that stays stopped, and builds that do not pile up image tags.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -189,3 +190,16 @@ def test_builds_do_not_pile_up_image_tags(mlserve, docker_client, tmp_path):
             mlserve("stop", "1", cwd=folder)  # the first job stops: its image is no longer needed
     assert len(set(tags)) == 3
     assert _images(docker_client, "tester/projects/tags") == {tags[1], tags[2]}
+
+
+def test_the_supervisor_caps_the_gateways_access_log(mlserve, tmp_path):
+    folder = _app(tmp_path, "hello", HELLO)
+    cap = {"MLSERVE_LOG_MAX_BYTES": "40000"}  # the supervisor this run starts inherits it
+    out = json.loads(mlserve("run", "--mode", "serve", "--json", cwd=folder, env=cap).stdout)
+    access_log = mlserve.home / "gateway" / "access.log"
+    with requests.Session() as session:
+        for _ in range(2500):  # about 400 KB of access log lines
+            session.get(f"{out['endpoint']}/nowhere", timeout=10)
+    assert wait_for(lambda: access_log.stat().st_size < 40000 + (64 << 10), timeout=10), access_log.stat().st_size
+    requests.get(f"{out['endpoint']}/after-the-cap", timeout=10)
+    assert wait_for(lambda: b"/after-the-cap" in access_log.read_bytes(), timeout=10)  # still logging
