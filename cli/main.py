@@ -337,6 +337,7 @@ def gateway_status(as_json: bool) -> None:
     watcher, beat = daemons.pid(home), daemons.heartbeat(home)
     data = {"running": status_.running, "pid": status_.pid, "url": status_.url, "config": str(status_.config),
             "routes": status_.routes, "stopped_by_user": Router(platform).stopped_by_user,
+            "orphans": list(status_.orphans),
             "supervisor": {"running": watcher is not None, "pid": watcher,
                            "last_round_s_ago": round(beat.age_s, 1) if beat is not None else None,
                            "last_round_problems": beat.problems if beat is not None else []}}
@@ -344,6 +345,9 @@ def gateway_status(as_json: bool) -> None:
         _emit_json(data)
         return
     click.echo(f"gateway: {'running' if status_.running else 'stopped'} (pid {status_.pid}) at {status_.url}, {status_.routes} route(s)")
+    if status_.orphans:
+        click.echo(f"  leftover nginx processes without their master: {' '.join(map(str, status_.orphans))} "
+                   "(the next command that starts the gateway removes them)")
     if watcher is not None:
         click.echo(f"supervisor: running (pid {watcher}), last round {beat.age_s:.1f}s ago" if beat is not None
                    else f"supervisor: running (pid {watcher})")

@@ -137,11 +137,13 @@ def make_mlserve(owner: str = "tester", timeout: float = 600) -> Mlserve:
 
 
 def teardown_mlserve(ms: Mlserve, client: DockerClient | None = None) -> None:
-    """Stops every job of ``ms`` and its gateway, removes the containers labelled with its home (given a
-    client) and deletes the home. Every step runs even if one before it failed; the failure is raised."""
+    """Stops every job of ``ms`` and its gateway, removes the containers labelled with its home and
+    untags its images (given a client), and deletes the home. Every step runs even if one before it
+    failed; the failure is raised."""
     with contextlib.ExitStack() as steps:  # runs the callbacks last-registered first
         steps.callback(shutil.rmtree, ms.home, ignore_errors=True)
         if client is not None:
+            steps.callback(_untag_images, client, ms.home)
             steps.callback(_remove_containers, client, ms.home)
         steps.callback(ms, "gateway", "stop", check=False)
         steps.callback(ms, "stop", "--all", check=False, timeout=300)
@@ -150,6 +152,18 @@ def teardown_mlserve(ms: Mlserve, client: DockerClient | None = None) -> None:
 def _remove_containers(client: DockerClient, home: Path) -> None:
     for container in labelled_containers(client, home):
         container.remove(force=True)
+
+
+def home_images(client: DockerClient, home: Path, project: str | None = None) -> set[str]:
+    """The image tags built by the mlserve at ``home`` (of one project, owner/projects/name, if given)."""
+    labels = [f"{LABEL_HOME}={home}"] + ([f"{LABEL_PROJECT}={project}"] if project else [])
+    return {tag for image in client.images.list(filters={"label": labels}) for tag in image.tags}
+
+
+def _untag_images(client: DockerClient, home: Path) -> None:
+    # noprune: the layers stay cached, so the next test's build is as fast as a user's rebuild.
+    for tag in home_images(client, home):
+        client.images.remove(tag, noprune=True)
 
 
 def labelled_containers(client: DockerClient, home: Path, *, job: str | None = None, project: str | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import job_container, labelled_containers, wait_for
+from tests.harness import home_images, job_container, labelled_containers, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,11 +70,6 @@ def _app(tmp_path: Path, name: str, source: str, config: str = "", requirements:
     return folder
 
 
-def _images(docker_client, project_key: str) -> set[str]:
-    return {tag for image in docker_client.images.list(filters={"label": f"io.mlserve.project={project_key}"})
-            for tag in image.tags}
-
-
 @pytest.mark.parametrize("config, key", [
     ("health: {interval: soon}\n", "health.interval"),
     ("workers: many\n", "workers"),
@@ -87,7 +82,7 @@ def test_a_wrong_value_in_mlserve_yml_fails_before_any_build(mlserve, docker_cli
     assert result.returncode != 0
     assert f"{key} must be" in result.stderr
     assert "Building" not in result.stdout + result.stderr
-    assert _images(docker_client, "tester/projects/typed") == set()
+    assert home_images(docker_client, mlserve.home, "tester/projects/typed") == set()
     assert mlserve.json("status") == []
 
 
@@ -189,7 +184,7 @@ def test_builds_do_not_pile_up_image_tags(mlserve, docker_client, tmp_path):
         if version == 2:
             mlserve("stop", "1", cwd=folder)  # the first job stops: its image is no longer needed
     assert len(set(tags)) == 3
-    assert _images(docker_client, "tester/projects/tags") == {tags[1], tags[2]}
+    assert home_images(docker_client, mlserve.home, "tester/projects/tags") == {tags[1], tags[2]}
 
 
 def test_the_supervisor_caps_the_gateways_access_log(mlserve, tmp_path):
