@@ -25,9 +25,9 @@ from tests.harness import (
     Load,
     Mlserve,
     job_container,
-    job_upstreams,
     labelled_containers,
-    project_upstream,
+    project_pools,
+    routed_jobs,
     seconds_until,
     served_jobs,
 )
@@ -88,7 +88,7 @@ def hanging_health_path(client: docker.DockerClient, ms: Mlserve, app: Path) -> 
     with load_on(sick["project_endpoint"]) as load:
         while time.monotonic() - started < 75 and "back" not in seen:
             job = ms.jobs()[sick["job"]]
-            routed = sick["id"] in project_upstream(ms.gateway_conf())
+            routed = sick["id"] in project_pools(ms.routes())
             now = time.monotonic() - started
             if "unhealthy" not in seen and not job["healthy"]:
                 seen["unhealthy"] = now
@@ -148,10 +148,9 @@ def twenty_concurrent_commands(client: docker.DockerClient, ms: Mlserve, app: Pa
         ids = {j["id"] for j in jobs}
         containers = labelled_containers(client, ms.home)
         labelled = {c.labels.get(LABEL_JOB) for c in containers}
-        conf = ms.gateway_conf()
-        routed = job_upstreams(conf)
-        upstream = project_upstream(conf)
-        in_project = {i for i in ids if i in upstream}
+        routes = ms.routes()
+        routed = routed_jobs(routes)
+        in_project = {i for i in ids if i in project_pools(routes)}
         healthy = {j["id"] for j in jobs if j["healthy"]}
         numbers = [int(j["job"].rsplit("/", 1)[1]) for j in ms.json("status", "--all")]
         ok = (ids == labelled == routed and in_project == healthy == ids

@@ -22,13 +22,26 @@ from .programs import Report, alive, find_program, live_pid, tail
 @dataclass(frozen=True)
 class Package:
     name: str  # apt package
-    program: str  # what tells us it is installed
+    program: str  # what tells us it is installed: a program on PATH, or the absolute path of a file it installs
     purpose: str
+
+    @property
+    def installed(self) -> bool:
+        if self.program.startswith("/"):
+            return file_exists(self.program)
+        return find_program(self.program) is not None
+
+
+def file_exists(path: str) -> bool:
+    return Path(path).exists()
 
 
 PACKAGES = (
     Package("docker.io", "dockerd", "the Docker engine"),
     Package("nginx-light", "nginx", "the gateway"),
+    Package("libnginx-mod-http-lua", "/usr/lib/nginx/modules/ngx_http_lua_module.so", "the gateway's router"),
+    Package("lua-resty-core", "/usr/share/lua/5.1/resty/core.lua", "the gateway's router"),
+    Package("lua-cjson", "/usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so", "the gateway's router"),
     Package("debootstrap", "debootstrap", "building the local base image"),
     Package("wrk", "wrk", "the benchmarks"),
 )
@@ -37,7 +50,7 @@ SYSTEM_NGINX_PIDFILE = Path("/run/nginx.pid")
 
 
 def missing_packages() -> list[Package]:
-    return [package for package in PACKAGES if find_program(package.program) is None]
+    return [package for package in PACKAGES if not package.installed]
 
 
 def apt_install_command(names: list[str]) -> list[str]:

@@ -1,10 +1,17 @@
-"""The nginx gateway mlserve manages: configuration rendered from the state, checked, reloaded gracefully."""
+"""The nginx gateway mlserve manages.
+
+Two planes: nginx.conf holds only the gateway's own settings (port, limits) and is reloaded only when
+they change; who takes traffic is a routing table pushed to nginx's Lua router over a control socket
+(templates/lua/mlserve_router.lua), live on every worker without a reload, so no keep-alive client
+ever loses a connection to a routing change.
+"""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import http.client
+import json
 import os
 import re
 import signal
@@ -13,7 +20,9 @@ import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from mlserve_runtime.logfile import truncate_if_large
 
@@ -24,11 +33,18 @@ from .host import find_program
 from .render import render
 
 CONFIG_NAME = "nginx.conf"
+ROUTES_NAME = "routes.json"  # the last routing table pushed (what `gateway status` counts)
+CONTROL_SOCKET = "control.sock"
 LOG_NAMES = ("access.log", "error.log")
 RELOAD_WAIT_S = 10.0  # for a reload or a start to take effect on every worker
 ORPHAN_WAIT_S = 5.0  # for killed leftovers of an earlier nginx to be gone
 POLL_S = 0.02
 INSTALL_HINT = "Install it with `apt-get install -y nginx-light` (or `mlserve setup` as root), or point MLSERVE_NGINX at an nginx binary."
+# nginx's Lua router: Debian's libnginx-mod-http-lua (with its NDK module), lua-resty-core and lua-cjson.
+NGINX_MODULES = ("/usr/lib/nginx/modules/ndk_http_module.so", "/usr/lib/nginx/modules/ngx_http_lua_module.so")
+LUA_PATH = "/usr/share/lua/5.1"
+LUA_HINT = ("Install it with `apt-get install -y libnginx-mod-http-lua lua-resty-core lua-cjson` "
+            "(or `mlserve setup` as root).")
 
 # Only text of these shapes goes into nginx.conf: nothing an app or a user writes can end a string or a
 # directive there (the names are validated where they are made; this is defence in depth).
@@ -59,16 +75,6 @@ class Route:
     project_key: str  # owner/projects/project
     socket: str
     healthy: bool  # healthy and running: it takes traffic
-
-
-@dataclass(frozen=True)
-class ProjectRoutes:
-    key: str
-    sockets: tuple[str, ...]  # of the healthy jobs, the round robin
-
-    @property
-    def slug(self) -> str:
-        return hashlib.sha256(self.key.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,7 @@ class Gateway:
         Leftovers of this gateway holding the port do not count: starting it removes them.
         """
         self.nginx()
+        lua_modules()
         if not self._orphans():
             self._check_port()
 
@@ -134,6 +141,11 @@ class Gateway:
                     raise self._port_in_use() from None
                 raise GatewayError(f"cannot listen on {self.settings.host}:{self.settings.port}: {exc}") from None
 
+    def _port_taken(self, nginx_stderr: str) -> bool:
+        """Whether nginx failed to bind our TCP port (not, say, the control socket)."""
+        return any("Address already in use" in line and f"{self.settings.host}:{self.settings.port}" in line
+                   for line in nginx_stderr.splitlines())
+
     def _port_in_use(self) -> GatewayPortInUseError:
         port = self.settings.port
         return GatewayPortInUseError(
@@ -144,34 +156,51 @@ class Gateway:
 
     # -- rendering -----------------------------------------------------------------------------
 
-    def render(self, routes: Iterable[Route], projects: Iterable[str]) -> tuple[str, str]:
-        """nginx.conf for ``routes`` and its generation (a hash of it); ``projects`` are all known projects.
+    def render(self) -> tuple[str, str]:
+        """nginx.conf (the gateway's own settings, no routes) and its generation (a hash of it, and of the
+        router's code, so that an upgraded router is loaded).
 
-        Raises GatewayError when a name, path or setting has a shape nginx.conf must not contain.
+        Raises GatewayError when a path or setting has a shape nginx.conf must not contain, and
+        NginxNotInstalledError when nginx's Lua module is missing.
         """
-        routes = sorted(routes, key=lambda r: r.name)
-        keys = sorted(set(projects) | {r.project_key for r in routes})
-        self._check_safe(routes, keys)
-        project_routes = [
-            ProjectRoutes(key, tuple(r.socket for r in routes if r.project_key == key and r.healthy)) for key in keys
-        ]
+        self._check_settings()
+        router = resources.files("mlserve.templates") / "lua"
         context = dict(
             dir=str(self.dir), host=self.settings.host, port=self.settings.port,
             body_limit_mb=self.settings.body_limit_mb, timeout_s=self.settings.timeout_s,
-            worker_processes=worker_processes(), id_length=ENDPOINT_ID_LENGTH,
-            user=nginx_user(), jobs=routes, projects=project_routes,
+            worker_processes=worker_processes(), user=nginx_user(), modules=lua_modules(),
+            lua_path=f"{router}/?.lua;{LUA_PATH}/?.lua;;", control=str(self.dir / CONTROL_SOCKET),
         )
+        _require(PATH_RE, str(router), "router folder")
         body = render("nginx.conf.j2", generation="GENERATION", **context)
-        generation = hashlib.sha256(body.encode()).hexdigest()[:16]
+        code = (router / "mlserve_router.lua").read_bytes()
+        generation = hashlib.sha256(body.encode() + code).hexdigest()[:16]
         return body.replace("GENERATION", generation), generation
 
-    def _check_safe(self, routes: list[Route], keys: list[str]) -> None:
+    def routing_table(self, routes: Iterable[Route], projects: Iterable[str]) -> dict[str, Any]:
+        """The table the Lua router serves from: every active job, and each known project's ready jobs.
+
+        Raises GatewayError when a name or socket path is not of the shape mlserve makes (defence in
+        depth: nothing else may steer the router).
+        """
+        routes = sorted(routes, key=lambda r: r.name)
+        keys = sorted(set(projects) | {r.project_key for r in routes})
+        self._check_routes(routes, keys)
+        return {
+            "jobs": {r.job_id: {"name": r.name, "socket": r.socket, "ready": r.healthy} for r in routes},
+            "projects": {key: {"ready": [r.job_id for r in routes if r.project_key == key and r.healthy]}
+                         for key in keys},
+        }
+
+    def _check_settings(self) -> None:
         _require(PATH_RE, str(self.dir), "gateway directory (MLSERVE_HOME)")
         _require(HOST_RE, self.settings.host, "gateway host")
         for value, what in ((self.settings.port, "port"), (self.settings.body_limit_mb, "body limit"),
                             (self.settings.timeout_s, "timeout")):
             if type(value) is not int or value < 1:
                 raise GatewayError(f"refusing to render the gateway: {what} {value!r} is not a positive integer")
+
+    def _check_routes(self, routes: list[Route], keys: list[str]) -> None:
         for key in keys:
             _require(PROJECT_KEY_RE, key, "project")
         for route in routes:
@@ -201,16 +230,21 @@ class Gateway:
         return self.pid() is not None
 
     def apply(self, routes: Iterable[Route], projects: Iterable[str] = ()) -> None:
-        """Render, check with ``nginx -t``, then start nginx or reload it gracefully.
+        """Start nginx, or reload it if its settings changed, then push the routing table.
 
-        Returns once every worker that accepts connections serves the new configuration.
+        A routing change alone never reloads: it is live on every worker when this returns. A reload
+        returns once every worker that accepts connections serves the new configuration.
         Raises NginxNotInstalledError, GatewayPortInUseError or GatewayError (with nginx's words).
         """
         nginx = self.nginx()
-        text, generation = self.render(routes, projects)
+        table = self.routing_table(routes, projects)
+        text, generation = self.render()
         master = self.pid()
-        if master is not None and self.config.exists() and self.config.read_text() == text:
-            return
+        if master is None or not self.config.exists() or self.config.read_text() != text:
+            self._configure(nginx, text, generation, master)
+        self._push(table)
+
+    def _configure(self, nginx: str, text: str, generation: str, master: int | None) -> None:
         candidate = self._checked(nginx, text)
         if master is not None and self._listen_line() not in self.config.read_text():
             self._check_port()  # a new port: nginx would fail to bind it only after the reload
@@ -219,6 +253,31 @@ class Gateway:
         if old_workers is None:
             self._start(nginx)
         self._wait_for(generation, old_workers or set())
+
+    def _push(self, table: dict[str, Any]) -> None:
+        """Hand the routing table to the router (shared by all workers); raises GatewayError if refused."""
+        body = json.dumps(table, sort_keys=True)
+        connection = _UnixHTTPConnection(str(self.dir / CONTROL_SOCKET), timeout=10)
+        try:
+            connection.request("PUT", "/routes", body=body, headers={"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            detail = answer.read().decode(errors="replace").strip()
+        except (OSError, http.client.HTTPException) as exc:
+            raise GatewayError(f"the gateway's router did not take the routes: {exc}",
+                               f"See {self.dir / 'error.log'}.") from None
+        finally:
+            connection.close()
+        if answer.status != 200:
+            raise GatewayError(f"the gateway's router refused the routes ({answer.status}): {detail[:200]}")
+        (self.dir / ROUTES_NAME).write_text(body)
+
+    def routes(self) -> dict[str, Any]:
+        """The routing table last pushed (empty before the first push)."""
+        try:
+            table = json.loads((self.dir / ROUTES_NAME).read_text())
+        except (OSError, ValueError):
+            return {"jobs": {}, "projects": {}}
+        return table if isinstance(table, dict) else {"jobs": {}, "projects": {}}
 
     def _listen_line(self) -> str:
         return f"listen {self.settings.host}:{self.settings.port} "
@@ -232,7 +291,7 @@ class Gateway:
         check = self._nginx(nginx, "-t", "-c", str(candidate))
         if check.returncode != 0:
             candidate.unlink(missing_ok=True)
-            if "Address already in use" in check.stderr:
+            if self._port_taken(check.stderr):
                 raise self._port_in_use()
             raise GatewayError("the rendered gateway configuration is invalid", _tail(check.stderr))
         return candidate
@@ -248,10 +307,12 @@ class Gateway:
 
     def _start(self, nginx: str) -> None:
         self._kill_orphans()
+        # A master killed with -9 leaves its control socket behind, and nginx would not bind over it.
+        (self.dir / CONTROL_SOCKET).unlink(missing_ok=True)
         self._check_port()
         started = self._nginx(nginx, "-c", str(self.config))
         if started.returncode != 0:
-            if "Address already in use" in started.stderr:
+            if self._port_taken(started.stderr):
                 raise self._port_in_use()
             raise GatewayError("nginx failed to start", _tail(started.stderr))
 
@@ -307,7 +368,7 @@ class Gateway:
         return bool(self._kill_orphans()) or pid is not None
 
     def status(self) -> GatewayStatus:
-        routes = self.config.read_text().count("upstream job_") if self.config.exists() else 0
+        routes = sum(1 for job in self.routes().get("jobs", {}).values() if job.get("ready"))
         return GatewayStatus(self.is_running(), self.pid(), self.url, self.config, routes, tuple(self._orphans()))
 
     def cap_logs(self, max_bytes: int) -> list[Path]:
@@ -354,6 +415,27 @@ class Gateway:
                 raise GatewayError(f"earlier nginx processes of this gateway ({orphans}) did not exit")
             time.sleep(POLL_S)
         return orphans
+
+
+def lua_modules() -> tuple[str, ...]:
+    """The nginx modules the router needs; raises NginxNotInstalledError when one is missing."""
+    missing = [path for path in NGINX_MODULES if not os.path.exists(path)]
+    if missing or not os.path.exists(f"{LUA_PATH}/resty/core.lua"):
+        raise NginxNotInstalledError("the gateway needs nginx's Lua module (its router)", LUA_HINT)
+    return NGINX_MODULES
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the gateway's control socket (a unix socket only this home's owner can reach)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
 
 
 # -- /proc -------------------------------------------------------------------------------------

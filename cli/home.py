@@ -19,6 +19,10 @@ class Home:
         # container labels, so `/tmp/a/../b` and `/tmp/b` must be one home.
         root = Path(os.environ.get("MLSERVE_HOME") or Path.home() / ".mlserve").expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
+        # Private: sockets, the state and the instances' stats (which show requests in flight) are in here.
+        # Containers reach their folders through bind mounts, not through this path.
+        if root.stat().st_uid == os.geteuid():
+            root.chmod(0o700)
         return cls(root)
 
     @property

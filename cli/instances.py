@@ -13,7 +13,7 @@ import secrets
 import shutil
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from .actors import actor_alive, this_actor
@@ -29,7 +29,7 @@ from .state import Job
 BASE62 = string.digits + string.ascii_letters
 START_TIMEOUT_S = int(os.environ.get("MLSERVE_START_TIMEOUT", "120"))
 LOG_TAIL = 20
-STOP_PARALLELISM = 8
+PARALLELISM = 8  # instances started or stopped at once
 
 
 def new_endpoint_id() -> str:
@@ -66,10 +66,7 @@ class Instances:
         """Start reserved jobs, wait until all answer, then route them. All or nothing: on any failure
         (or Ctrl-C) every one of them is stopped and forgotten, and the error is raised."""
         try:
-            for job in jobs:
-                self.report(f"Starting {job.name} ...")
-                job.handle = self.platform.runtime(job.runtime).start(self.instance_spec(job))
-                self.state.update_job(job.id, handle=job.handle)
+            self._start_instances(jobs)
             self._wait_healthy(jobs)
             with self.state.lock():
                 gone = [j.name for j in jobs if (self.state.get_job(j.id) or j).state != "starting"]
@@ -211,14 +208,32 @@ class Instances:
         tail = list(self.platform.runtime(job.runtime).logs(job.id, job.handle, follow=False, tail=LOG_TAIL))
         self.stop([job], reason=reason + ("\nlast log lines:\n" + "\n".join(tail) if tail else ""), final_state="failed")
 
+    def _start_instances(self, jobs: list[Job]) -> None:
+        """Start every job's instance at once, then record their handles (the state is this thread's)."""
+        def start_one(job: Job) -> None:
+            self.report(f"Starting {job.name} ...")
+            job.handle = self.platform.runtime(job.runtime).start(self.instance_spec(job))
+
+        try:
+            _each_at_once(jobs, start_one, "starting an instance")
+        finally:
+            for job in jobs:
+                if job.handle:
+                    self.state.update_job(job.id, handle=job.handle)
+
     def _stop_instances(self, jobs: list[Job], timeout: int) -> None:
-        """Stop every job's instance at once; raises the first error after all were tried."""
+        """Stop every job's instance at once."""
         def stop_one(job: Job) -> None:
             self.platform.runtime(job.runtime).stop(job.id, job.handle, timeout=timeout)
 
-        with ThreadPoolExecutor(max_workers=min(STOP_PARALLELISM, len(jobs))) as pool:
-            futures = [pool.submit(stop_one, job) for job in jobs]
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            first = errors[0]
-            raise first if isinstance(first, MlserveError) else MlserveError(f"stopping an instance failed: {first}")
+        _each_at_once(jobs, stop_one, "stopping an instance")
+
+
+def _each_at_once(jobs: list[Job], action: Callable[[Job], None], what: str) -> None:
+    """``action`` on every job in parallel; raises the first error after all were tried."""
+    with ThreadPoolExecutor(max_workers=min(PARALLELISM, len(jobs))) as pool:
+        futures = [pool.submit(action, job) for job in jobs]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        first = errors[0]
+        raise first if isinstance(first, MlserveError) else MlserveError(f"{what} failed: {first}")

@@ -196,13 +196,18 @@ def status(include_stopped: bool, as_json: bool) -> None:
     now = time.time()
     rows = [
         [v.job.name, _ago(now - v.job.created_at) + " ago", v.status, "healthy" if v.healthy else "-", _ago(v.uptime),
-         _ago(v.expires_in), str(v.job.restarts), v.endpoint]
+         _ago(v.expires_in), str(v.job.restarts), "-" if v.oom_kills is None else str(v.oom_kills), v.endpoint]
         for v in views
     ]
-    _table(rows, ["JOB NAME", "CREATED", "STATUS", "HEALTH", "UPTIME", "TIME LEFT", "RESTARTS", "ENDPOINT"])
+    _table(rows, ["JOB NAME", "CREATED", "STATUS", "HEALTH", "UPTIME", "TIME LEFT", "RESTARTS", "OOM KILLS",
+                  "ENDPOINT"])
     for view in views:
         if view.job.reason and (view.status == "failed" or (view.job.active and not view.healthy)):
             click.echo(f"{view.job.name}: {view.job.reason.splitlines()[0]} (`mlserve info {view.job.name}` for more)")
+        if view.oom_kills:
+            click.echo(f"{view.job.name}: out of memory: {view.oom_kills} process(es) killed at its "
+                       f"{view.job.spec.limits.memory_bytes >> 20} MiB limit since the instance started "
+                       "(`limits: {memory: ...}` in mlserve.yml)")
     for runtime, why in unreachable.items():
         click.echo(f"note: {runtime} instances could not be checked: {why}", err=True)
 
@@ -215,6 +220,8 @@ cli.add_command(status, "ps")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(job: str, as_json: bool) -> None:
     """Show one job: state, endpoints, settings, and the body limit and timeout in force."""
+    from .views import worker_respawns
+
     platform = _revived(quiet=as_json)
     record = resolve(platform.state, platform.owner, job)
     views, _ = status_views(platform, include_stopped=True)
@@ -224,6 +231,7 @@ def info(job: str, as_json: bool) -> None:
     data.update(
         project_endpoint=platform.project_endpoint(record.project_key),
         workers=spec.workers,
+        worker_respawns=worker_respawns(platform, record),
         data=[{"source": m.source, "mount": m.mount} for m in spec.mounts],
         limits={
             "gateway": {"body_limit_mb": gateway.body_limit_mb, "timeout_s": gateway.timeout_s},
@@ -235,6 +243,13 @@ def info(job: str, as_json: bool) -> None:
         return
     for key in ("job", "id", "state", "healthy", "runtime", "image", "workers", "endpoint", "project_endpoint", "restarts"):
         click.echo(f"{key + ':':18}{data[key]}")
+    unknown = "unknown" if view.job.active else "-"
+    if view.oom_kills is None:
+        click.echo(f"{'oom kills:':18}{unknown}")
+    else:
+        click.echo(f"{'oom kills:':18}{view.oom_kills} since the instance started (memory limit "
+                   f"{spec.limits.memory_bytes >> 20} MiB)")
+    click.echo(f"{'worker respawns:':18}{unknown if data['worker_respawns'] is None else data['worker_respawns']}")
     if record.reason:
         click.echo(f"{'reason:':18}" + record.reason.replace("\n", "\n" + " " * 18))
     click.echo(f"{'uptime:':18}{_ago(view.uptime)}")

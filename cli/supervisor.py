@@ -2,10 +2,12 @@
 
 One background process per MLSERVE_HOME (``daemons`` starts and stops it). Each round it runs
 the reconcile step (undoing what killed commands left, expiring jobs, removing strays, routing
-dead instances out), then checks every running instance over its uwsgi socket: a job joins its
-project's rotation after a passing check and leaves it after a few failures; a dead or
-persistently failing instance is restarted with backoff, and a job that keeps failing becomes
-``failed``. If nginx died, its routes are restored. A failure with one job is logged and
+dead instances out), then checks every running instance: its uWSGI master's stats (alive? busy?)
+and, unless every worker is busy, a probe over its uwsgi socket (ready?). A job joins its
+project's rotation after a passing check and leaves it after a few failures; a busy job keeps its
+place and is never restarted for being busy; a dead or persistently failing instance is restarted
+with backoff, and a job that keeps failing becomes ``failed``. Processes the kernel killed for
+memory are logged. If nginx died, its routes are restored. A failure with one job is logged and
 reported in the heartbeat; it never stops the round for the others.
 """
 
@@ -20,18 +22,20 @@ import traceback
 from mlserve_runtime.logfile import truncate_if_large
 
 from . import daemons
-from .constants import DEFAULT_LOG_FILE_MAX_BYTES, INSTANCE_LOG_NAME
+from .constants import DEFAULT_LOG_FILE_MAX_BYTES, INSTANCE_LOG_NAME, STATS_SOCKET_NAME
 from .errors import MlserveError
-from .health import probe
+from .health import Liveness, liveness, probe
 from .home import Home
 from .instances import Instances
 from .platform import Platform
 from .reconcile import Reconciler
 from .routing import Router
+from .runtimes import InstanceState
 from .state import Job
 from .watch import Decision, Watch
 
 ROUND_PAUSE_S = 0.5
+BUSY_LOG_EVERY_S = 300.0  # a job busy again and again is logged at most this often
 LOG_MAX_BYTES = int(os.environ.get("MLSERVE_LOG_MAX_BYTES") or DEFAULT_LOG_FILE_MAX_BYTES)
 
 
@@ -43,6 +47,8 @@ class Supervisor:
         self.reconciler = Reconciler(platform)
         self.router = Router(platform)
         self.watches: dict[str, Watch] = {}
+        self.oom_kills: dict[str, int] = {}  # job id -> out-of-memory kills its instance had when last seen
+        self.busy_logged: dict[str, float] = {}  # job id -> when its last busy spell was logged
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
@@ -53,6 +59,8 @@ class Supervisor:
         self._restore_gateway(problems)
         seen, plan = self.reconciler.converge(problems)
         self.watches = {job.id: self.watches.get(job.id, Watch()) for job in seen.jobs}
+        self.busy_logged = {job_id: at for job_id, at in self.busy_logged.items() if job_id in self.watches}
+        self._note_oom_kills(seen.jobs, seen.instances)
         dead = {job.id: why for job, why in plan.restart}
         expired = {job.id for job in plan.expire}
         now = time.time()
@@ -89,8 +97,46 @@ class Supervisor:
             return watch.dead(dead, now)
         if not watch.due(now, policy):
             return None
-        result = probe(str(self.platform.home.socket(job.id)), timeout=policy.timeout_s)
-        return watch.checked(result.ok, result.detail[:200] or str(result.status), now, job.healthy, policy)
+        stats = str(self.platform.home.run_dir(job.id) / STATS_SOCKET_NAME)
+        life = liveness(stats, job.spec.timeout_s, policy.timeout_s)
+        if life.busy:
+            # The probe would only wait in the queue behind the clients' requests (and its answer be
+            # written to a closed connection): busy is not sick.
+            decision = watch.checked(False, "not probed", now, job.healthy, policy, life)
+        else:
+            result = probe(str(self.platform.home.socket(job.id)), timeout=policy.timeout_s)
+            if not result.ok and result.status is None:  # no answer: busy since, or sick?
+                life = liveness(stats, job.spec.timeout_s, policy.timeout_s)
+            decision = watch.checked(result.ok, result.detail[:200] or str(result.status), now, job.healthy, policy,
+                                     life)
+        self._note_busy(job, watch, life, now)
+        return decision
+
+    def _note_busy(self, job: Job, watch: Watch, life: Liveness, now: float) -> None:
+        # Once when a busy spell begins (it began with this check), and not more often than BUSY_LOG_EVERY_S.
+        if watch.busy_since != now or now - self.busy_logged.get(job.id, 0.0) < BUSY_LOG_EVERY_S:
+            return
+        self.busy_logged[job.id] = now
+        self.log(f"{job.name}: busy, not sick ({life.detail}); not probed while every worker is busy, never "
+                 "restarted for it")
+
+    def _note_oom_kills(self, jobs: list[Job], instances: dict[str, InstanceState]) -> None:
+        """Log the processes the kernel killed for memory: uWSGI respawns a killed worker silently."""
+        known = {job.id for job in jobs}
+        self.oom_kills = {job_id: n for job_id, n in self.oom_kills.items() if job_id in known}
+        for job in jobs:
+            instance = instances.get(job.id)
+            if job.state != "running" or instance is None or instance.oom_kills is None:
+                continue
+            count, before = instance.oom_kills, self.oom_kills.get(job.id)
+            self.oom_kills[job.id] = count
+            # Fewer than before: a new instance since (a restart counts from zero).
+            new = count - before if before is not None and count >= before else count
+            if new > 0:
+                limit = job.spec.limits.memory_bytes / (1 << 20)
+                self.log(f"{job.name}: out of memory: the kernel killed {new} process(es) of the instance at its "
+                         f"{limit:g} MiB memory limit ({count} since the instance started); a killed worker's "
+                         "request fails and uWSGI starts the worker again")
 
     def _apply(self, decisions: list[tuple[Job, Decision]], problems: list[str]) -> None:
         flips = [(job, d) for job, d in decisions if d.action in ("join", "leave")]

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .constants import STATS_SOCKET_NAME
+from .health import liveness
 from .platform import Platform
 from .reconcile import Observation, Reconciler
 from .runtimes import InstanceState
@@ -19,16 +21,20 @@ class JobView:
     healthy: bool
     uptime: float | None
     endpoint: str
+    # Processes of the instance killed for memory since it started (None: not running, or the runtime
+    # cannot tell). uWSGI respawns a killed worker, so the job stays healthy: this is how it shows.
+    oom_kills: int | None = None
 
     @classmethod
     def of(cls, job: Job, instance: InstanceState | None, endpoint: str) -> JobView:
         if not job.active:
             return cls(job, job.state, False, None, endpoint)
+        oom_kills = instance.oom_kills if instance is not None else None
         if instance is not None and not instance.running:
             # Drift: the record says it runs, the runtime says it does not.
-            return cls(job, instance.status, False, None, endpoint)
+            return cls(job, instance.status, False, None, endpoint, oom_kills)
         uptime = time.time() - job.started_at if job.started_at else None
-        return cls(job, job.state, job.healthy and job.state == "running", uptime, endpoint)
+        return cls(job, job.state, job.healthy and job.state == "running", uptime, endpoint, oom_kills)
 
     @property
     def expires_in(self) -> float | None:
@@ -54,6 +60,7 @@ class JobView:
             "uptime": round(self.uptime, 1) if self.uptime is not None else None,
             "endpoint": self.endpoint,
             "restarts": job.restarts,
+            "oom_kills": self.oom_kills,
             "reason": job.reason,
             "expires_in": round(self.expires_in) if self.expires_in is not None else None,
         }
@@ -79,3 +86,13 @@ def status_views(platform: Platform, include_stopped: bool) -> tuple[list[JobVie
     jobs = platform.state.jobs(active_only=not include_stopped)
     used = {job.runtime for job in jobs if job.active}
     return job_views(jobs, seen, platform.endpoint), {k: v for k, v in seen.unreachable.items() if k in used}
+
+
+def worker_respawns(platform: Platform, job: Job) -> int | None:
+    """How often the instance's uWSGI master started a worker again (killed for memory, crashed, past
+    the timeout), from its stats socket; None when the job is not running or its master does not answer."""
+    if job.state != "running":
+        return None
+    life = liveness(str(platform.home.run_dir(job.id) / STATS_SOCKET_NAME), job.spec.timeout_s,
+                    job.spec.health.timeout_s)
+    return life.respawns if life.alive else None

@@ -1,6 +1,7 @@
 """The health state machine of one job: what the supervisor remembers between checks and decides.
 
-Pure: it is told what a probe or the runtime found and answers join, leave, restart or fail.
+Pure: it is told what a check found (the readiness probe, the master's liveness answer) or what
+the runtime found, and answers join, leave, restart or fail.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 from .config import HealthPolicy
 from .constants import HEALTHY_SPELL_S, MAX_RESTART_STREAK, RESTART_AFTER_FAILURES
+from .health import Liveness
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Watch:
     next_check: float = 0.0
     not_before: float = 0.0  # backoff: no restart before this
     healthy_since: float | None = None
+    busy_since: float | None = None  # every worker in requests since then: checks neither pass nor fail
 
     def due(self, now: float, policy: HealthPolicy) -> bool:
         """Whether a check is due; if so, the next one is scheduled."""
@@ -32,19 +35,35 @@ class Watch:
         self.next_check = now + policy.interval_s
         return True
 
-    def checked(self, ok: bool, detail: str, now: float, in_rotation: bool, policy: HealthPolicy) -> Decision | None:
-        """A probe's result: join after a pass, leave after ``policy.failures``, restart after more."""
+    def checked(self, ok: bool, detail: str, now: float, in_rotation: bool, policy: HealthPolicy,
+                life: Liveness | None = None) -> Decision | None:
+        """One check: the probe's result (``ok``, ``detail``) and the master's answer (``life``, if read).
+
+        A pass joins the rotation. A failure while ``life`` says busy (every worker in a request
+        inside the timeout) counts nothing: the probe waited behind clients' requests, and the job
+        keeps its place and is never restarted for it. Any other failure counts: ``policy.failures``
+        in a row leave the rotation, RESTART_AFTER_FAILURES restart.
+        """
         if ok:
             self.failures = 0
+            self.busy_since = None
             self.healthy_since = self.healthy_since or now
             if now - self.healthy_since >= HEALTHY_SPELL_S:
                 self.streak = 0
             return None if in_rotation else Decision("join")
+        if life is not None and life.busy:
+            self.busy_since = now if self.busy_since is None else self.busy_since
+            return None
+        self.busy_since = None
         self.failures += 1
         self.healthy_since = None
         reason = f"health check failed {self.failures}x: {detail}"
+        if life is not None:
+            reason += f"; {life.detail}"
         if self.failures >= RESTART_AFTER_FAILURES:
-            return self.dead(reason, now)
+            decision = self.dead(reason, now)
+            if decision is not None:
+                return decision
         if in_rotation and self.failures >= policy.failures:
             return Decision("leave", reason)
         return None
@@ -60,5 +79,6 @@ class Watch:
     def restarted(self, now: float) -> None:
         self.streak += 1
         self.failures = 0
+        self.busy_since = None
         self.not_before = now + min(2 ** self.streak, 60)
         self.next_check = now + 1

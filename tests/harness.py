@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -122,6 +121,10 @@ class Mlserve:
         """The nginx configuration the gateway runs with."""
         return (self.home / "gateway" / "nginx.conf").read_text()
 
+    def routes(self) -> dict[str, Any]:
+        """The routing table the gateway's router serves from (the last one mlserve pushed)."""
+        return json.loads((self.home / "gateway" / "routes.json").read_text())
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -184,14 +187,14 @@ def job_container(client: DockerClient, home: Path, job_id: str) -> Container | 
     return found[0] if found else None
 
 
-def project_upstream(conf: str) -> str:
-    """The text of the project upstream blocks of a rendered gateway configuration."""
-    return "\n".join(re.findall(r"upstream project_\w+ \{[^}]*\}", conf))
+def routed_jobs(routes: dict[str, Any]) -> set[str]:
+    """The endpoint ids that a routing table sends traffic to at their own endpoints."""
+    return {job_id for job_id, job in routes["jobs"].items() if job["ready"]}
 
 
-def job_upstreams(conf: str) -> set[str]:
-    """The endpoint ids that a rendered gateway configuration has a job upstream for."""
-    return {line.split("job_")[1].split()[0] for line in conf.splitlines() if line.strip().startswith("upstream job_")}
+def project_pools(routes: dict[str, Any]) -> set[str]:
+    """The endpoint ids that take turns at some project endpoint in a routing table."""
+    return {job_id for project in routes["projects"].values() for job_id in project["ready"]}
 
 
 def served_jobs(project_endpoint: str, n: int) -> set[str]:

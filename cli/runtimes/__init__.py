@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from ..config import Limits
-from ..constants import SOCKET_NAME, UWSGI_INI_NAME
+from ..constants import SOCKET_NAME, STATS_SOCKET_NAME, UWSGI_INI_NAME
 from ..render import render
 from ..spec import Artifact, DataMount
 
@@ -88,6 +88,9 @@ class InstanceState:
     status: str  # e.g. running, exited (code 1), gone
     started_at: float | None = None
     runtime: str = ""  # which runtime found it (set by the reconcile step)
+    # Processes of the instance the kernel killed for memory (its limit) since it started; uWSGI
+    # respawns a killed worker silently. None: the runtime cannot tell.
+    oom_kills: int | None = None
 
 
 class Runtime(Protocol):
@@ -115,10 +118,10 @@ class Runtime(Protocol):
         """Stop gracefully (SIGTERM, in-flight requests finish), then remove what was started; keeps its log."""
 
     def inspect(self, job_id: str, handle: str | None) -> InstanceState:
-        """What runs for this job now."""
+        """What runs for this job now, with its out-of-memory kills where the runtime can count them."""
 
     def instances(self) -> list[InstanceState]:
-        """Every instance this runtime knows of under this MLSERVE_HOME, found by its labels."""
+        """Every instance this runtime knows of under this MLSERVE_HOME, found by its labels (as ``inspect``)."""
 
     def logs(self, job_id: str, handle: str | None, follow: bool, tail: int | None) -> Iterator[str]:
         """The instance's output lines (after it was stopped: the kept log)."""
@@ -128,10 +131,14 @@ class Runtime(Protocol):
 
 
 def write_uwsgi_ini(spec: InstanceSpec, *, socket: str, app_dir: str, venv: str) -> Path:
-    """Render templates/uwsgi.ini.j2 into the job's run dir, with paths as the instance sees them."""
+    """Render templates/uwsgi.ini.j2 into the job's run dir, with paths as the instance sees them.
+
+    The master's stats socket is next to ``socket``, in the one folder the instance may write.
+    """
     text = render(
         "uwsgi.ini.j2",
         socket=socket,
+        stats=str(PurePosixPath(socket).parent / PurePosixPath(STATS_SOCKET_NAME).name),
         app_dir=app_dir,
         venv=venv,
         env={},

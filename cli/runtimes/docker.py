@@ -30,6 +30,7 @@ from ..home import Home
 from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
 
 KEPT_LOG_LINES = 1000  # of a stopped container, kept in its run dir for `mlserve logs`
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -152,18 +153,23 @@ class DockerRuntime:
     def _state(self, container: Container) -> InstanceState:
         state = container.attrs.get("State", {})
         running = bool(state.get("Running"))
+        oom_kills: int | None
         if running:
             status = "running"
+            oom_kills = oom_kills_of(str(container.id), state.get("Pid"))
         else:
             status = f"exited ({state.get('ExitCode')})"
+            oom_kills = None
             if state.get("OOMKilled"):
                 status += ", out of memory"
+                oom_kills = 1  # its main process, the uWSGI master (its cgroup and count are gone)
         return InstanceState(
             job_id=container.labels.get(LABEL_JOB, ""),
             handle=str(container.id),
             running=running,
             status=status,
             started_at=_parse_time(state.get("StartedAt")),
+            oom_kills=oom_kills,
         )
 
     def inspect(self, job_id: str, handle: str | None) -> InstanceState:
@@ -182,6 +188,44 @@ class DockerRuntime:
             yield from _kept_log(self.home.run_dir(job_id) / INSTANCE_LOG_NAME, tail)
             return
         yield from _lines(self.engine.logs(container, follow=follow, tail=tail))
+
+
+def _cgroup_counters(container_id: str, pid: object, root: Path) -> list[Path]:
+    """Where a container's memory cgroup keeps its out-of-memory kill count (cgroup v1's
+    memory.oom_control, v2's memory.events): where /proc/<its pid>/cgroup says, else where the
+    cgroupfs and systemd drivers put it."""
+    scopes = []
+    if isinstance(pid, int) and pid > 0:
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+            # Never "/": the root cgroup counts the whole machine's kills.
+            if (controllers == "" or "memory" in controllers.split(",")) and path.strip("/"):
+                scopes.append(path.strip("/"))
+    scopes += [f"docker/{container_id}", f"system.slice/docker-{container_id}.scope"]
+    candidates = []
+    for scope in dict.fromkeys(scopes):
+        candidates += [root / "memory" / scope / "memory.oom_control", root / scope / "memory.events",
+                       root / "unified" / scope / "memory.events"]
+    return candidates
+
+
+def oom_kills_of(container_id: str, pid: object = None, root: Path = CGROUP_ROOT) -> int | None:
+    """Processes of a running container the kernel killed for memory since it started (its memory
+    cgroup's ``oom_kill``); None when no cgroup of it is found."""
+    for path in _cgroup_counters(container_id, pid, root):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
 
 
 def _kept_log(path: Path, tail: int | None) -> Iterator[str]:

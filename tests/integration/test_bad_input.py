@@ -32,8 +32,9 @@ def assert_nothing_left(ms, out, client) -> None:
     assert [j["job"] for j in jobs] == [out["job"]], jobs
     assert len(labelled_containers(client, ms.home)) == 1
     assert requests.get(out["endpoint"], timeout=10).status_code == 200
-    conf = ms.gateway_conf()
-    assert conf.count("unix:") == 2  # the running job, in its own and its project's upstream
+    routes = ms.routes()  # only the running job, at its own endpoint and its project's
+    assert list(routes["jobs"]) == [out["id"]] and routes["jobs"][out["id"]]["ready"]
+    assert [p["ready"] for p in routes["projects"].values()] == [[out["id"]]]
 
 
 def _project(tmp_path: Path, app_py: str | None, requirements: str | None = None) -> Path:

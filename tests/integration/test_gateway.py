@@ -1,6 +1,8 @@
-"""The gateway against the real nginx binary: reloads that reach every worker, leftovers of a killed
-master, JSON for nginx's own errors, capped logs, and routing over the uwsgi protocol (to a fake
-instance that speaks just enough of it)."""
+"""The gateway against the real nginx binary: reloads (for a settings change) that reach every worker,
+leftovers of a killed master, JSON for nginx's and the router's own errors, capped logs, and routing over
+the uwsgi protocol (to a fake instance that speaks just enough of it).
+
+How routing changes behave without a reload is in test_routing.py."""
 
 from __future__ import annotations
 
@@ -20,23 +22,18 @@ import pytest
 
 from mlserve.gateway import Gateway, GatewaySettings, Route
 from mlserve.home import Home
+from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
 
 BODY_LIMIT_MB = 1
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def gateway(nginx_available):
     # A short home under /tmp: unix socket paths must stay under 108 bytes.
     home = Home(Path(tempfile.mkdtemp(prefix="mlg", dir="/tmp")))
-    gateway = Gateway(home, GatewaySettings("127.0.0.1", _free_port(), BODY_LIMIT_MB, 60))
+    gateway = Gateway(home, GatewaySettings("127.0.0.1", free_port(), BODY_LIMIT_MB, 60))
     yield gateway
     gateway.stop()
     shutil.rmtree(home.root, ignore_errors=True)
@@ -104,20 +101,36 @@ def _raw(gateway: Gateway, request: bytes) -> tuple[int, dict[str, str], bytes]:
 # -- 1. a reload reaches every worker before apply returns -------------------------------------
 
 
-def test_after_apply_every_fresh_connection_sees_the_new_routes(gateway, monkeypatch):
+def test_after_a_settings_change_every_fresh_connection_sees_the_new_configuration(gateway, monkeypatch):
+    # Only a settings change reloads nginx (a routing change never does): each round here is a new
+    # timeout, as `mlserve gateway start --timeout S` makes, on the same home.
     # On a reload nginx starts the new workers and tells the old ones to quit only 100 ms later, so one
     # answer from a new worker proves nothing: an apply that stopped there left about one reload in ten
-    # with old routes on fresh connections for a while. Forty reloads make that a near-certain failure.
+    # with the old configuration on fresh connections for a while. Forty reloads make that a near-certain
+    # failure.
     monkeypatch.setattr(os, "cpu_count", lambda: 4)  # four workers: more old ones that could linger
     gateway.apply([], ["alice/projects/p0"])
     master = gateway.pid()
     _wait_until(lambda: len(_children(master)) == 4)
     for reload in range(1, 41):
+        changed = Gateway(gateway.home, dataclasses.replace(gateway.settings, timeout_s=60 + reload))
         projects = [f"alice/projects/p{reload}"]
-        gateway.apply([], projects)
-        expected = gateway.render([], projects)[1]
+        changed.apply([], projects)
+        assert changed.pid() == master  # reloaded, not restarted
+        expected = changed.render()[1]
         seen = _generations(gateway, 200)
         assert seen.count(expected) == len(seen), f"reload {reload}: {len(seen) - seen.count(expected)} stale answers"
+        assert _get(gateway, f"/serve/{projects[0]}")[0] == 503  # the table pushed after it: known, no job yet
+
+
+def test_a_reload_keeps_the_routing_table(gateway, monkeypatch):
+    # Between a reload and mlserve's next push, the new workers serve the table from before it.
+    gateway.apply([], ["alice/projects/kept"])
+    changed = Gateway(gateway.home, dataclasses.replace(gateway.settings, timeout_s=61))
+    monkeypatch.setattr(changed, "_push", lambda table: None)  # the reload alone
+    changed.apply([], [])
+    assert set(_generations(gateway, 50)) == {changed.render()[1]}
+    assert {_get(gateway, "/serve/alice/projects/kept")[0] for _ in range(10)} == {503}
 
 
 # -- 3. leftovers of a master killed with -9 ---------------------------------------------------
@@ -143,11 +156,13 @@ def test_apply_after_the_master_was_killed_replaces_its_orphan_workers(gateway):
     gateway.preflight()  # the port is held by the gateway's own leftovers: not a reason to refuse
 
     gateway.apply([], ["alice/projects/new"])
-    expected = gateway.render([], ["alice/projects/new"])[1]
     assert not any(_alive(pid) for pid in orphans)
     assert _children(gateway.pid()).isdisjoint(orphans)
-    assert set(_generations(gateway, 50)) == {expected}
+    assert set(_generations(gateway, 50)) == {gateway.render()[1]}
     assert gateway.status().orphans == ()
+    # The new nginx serves the table pushed to it (the orphans' table went with them).
+    assert {_get(gateway, "/serve/alice/projects/new")[0] for _ in range(10)} == {503}
+    assert {_get(gateway, "/serve/alice/projects/old")[0] for _ in range(10)} == {404}
 
 
 def test_stop_removes_orphan_workers_and_frees_the_port(gateway):
@@ -157,6 +172,8 @@ def test_stop_removes_orphan_workers_and_frees_the_port(gateway):
     assert not any(_alive(pid) for pid in orphans)
     with socket.socket() as probe:
         probe.bind((gateway.settings.host, gateway.settings.port))  # free again
+    gateway.apply([], ["alice/projects/again"])  # and the gateway starts again
+    assert _get(gateway, "/serve/alice/projects/again")[0] == 503
 
 
 # -- 4 and 5. every answer of nginx's own is JSON; a sick job's names only mlserve's words ------
@@ -190,14 +207,22 @@ def test_a_sick_job_and_a_dead_instance_answer_json(gateway):
     gateway.apply([
         Route(sick, "alice/projects/p/1", "alice/projects/p", str(gateway.home.socket(sick)), False),
         Route(dead, "alice/projects/p/2", "alice/projects/p", str(gateway.home.socket(dead)), True),  # no socket
-    ], [])
+    ], ["bob/projects/idle"])
     status, headers, body = _get(gateway, f"/serve/{sick}/predict")
-    assert (status, headers["Retry-After"]) == (503, "5")
+    assert (status, headers["Content-Type"], headers["Retry-After"]) == (503, "application/json", "5")
     assert json.loads(body) == {"error": "job not available", "job": "alice/projects/p/1",
                                 "detail": "see `mlserve info alice/projects/p/1`"}
-    status, headers, body = _get(gateway, f"/serve/{dead}")
-    assert (status, headers["Content-Type"], headers["Retry-After"]) == (502, "application/json", "2")
-    assert json.loads(body) == {"error": "the serving instance did not answer"}
+    for path in (f"/serve/{dead}", "/serve/alice/projects/p/predict"):
+        status, headers, body = _get(gateway, path)
+        assert (status, headers["Content-Type"], headers["Retry-After"]) == (502, "application/json", "2"), path
+        assert json.loads(body) == {"error": "the serving instance did not answer"}
+    status, headers, body = _get(gateway, "/serve/bob/projects/idle")
+    assert (status, headers["Content-Type"], headers["Retry-After"]) == (503, "application/json", "5")
+    assert json.loads(body) == {"error": "no healthy serving job", "project": "bob/projects/idle"}
+    for path in ("/serve/bob/projects/nothing", f"/serve/{'N' * 22}/predict", "/serve/", "/serve/x.html"):
+        status, headers, body = _get(gateway, path)
+        assert (status, headers["Content-Type"]) == (404, "application/json"), path
+        assert json.loads(body) == {"error": "no such endpoint"}
 
 
 def test_a_request_over_the_timeout_answers_json_naming_the_setting(gateway):
@@ -257,13 +282,16 @@ class FakeInstance:
             except OSError:
                 return  # closed
             with conn:
-                self._answer(conn)
+                try:
+                    self._answer(conn)
+                except OSError:
+                    continue  # the gateway gave up on this one: serve the next
 
     def _answer(self, conn: socket.socket) -> None:
         header = _read_exactly(conn, 4)  # modifier1, size of the variables (little-endian), modifier2
         variables = _uwsgi_vars(_read_exactly(conn, int.from_bytes(header[1:3], "little")))
         body = json.dumps({"instance": self.name, "script_name": variables["SCRIPT_NAME"],
-                           "path_info": variables["PATH_INFO"]}).encode()
+                           "path_info": variables["PATH_INFO"], "remote_port": variables["REMOTE_PORT"]}).encode()
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
 
@@ -304,7 +332,8 @@ def test_routes_reach_instances_over_the_uwsgi_protocol(gateway):
         ], [])
         status, _, body = _get(gateway, f"/serve/{first}/a/b?x=1")
         assert status == 200
-        assert json.loads(body) == {"instance": first, "script_name": f"/serve/{first}", "path_info": "/a/b"}
+        answer = json.loads(body)
+        assert (answer["instance"], answer["script_name"], answer["path_info"]) == (first, f"/serve/{first}", "/a/b")
         answers = [json.loads(_get(gateway, "/serve/alice/projects/p")[2]) for _ in range(4)]
         assert {answer["instance"] for answer in answers} == {first, second}  # round robin
         assert {(a["script_name"], a["path_info"]) for a in answers} == {("/serve/alice/projects/p", "/")}

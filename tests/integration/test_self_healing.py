@@ -16,8 +16,9 @@ import requests
 from tests.harness import (
     Load,
     job_container,
-    job_upstreams,
     labelled_containers,
+    project_pools,
+    routed_jobs,
     served_jobs,
     wait_for,
 )
@@ -178,8 +179,8 @@ def test_twenty_concurrent_commands_leave_state_containers_and_routes_in_agreeme
     containers = labelled_containers(docker_client, mlserve.home)
     assert {c.labels["io.mlserve.job"] for c in containers} == ids
     assert all(c.status == "running" for c in containers)
-    routed = job_upstreams(mlserve.gateway_conf())
-    assert routed == ids
+    routes = mlserve.routes()
+    assert routed_jobs(routes) == project_pools(routes) == ids
     numbers = sorted(int(j["job"].rsplit("/", 1)[1]) for j in mlserve.json("status", "--all"))
     assert len(numbers) == len(set(numbers))
 

@@ -66,6 +66,7 @@ def make_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Install:
         which = FakeWhich(installed)
         run = FakeRun(which, returncode, output)
         monkeypatch.setattr(shutil, "which", which)
+        monkeypatch.setattr(apt, "file_exists", lambda path: path in which.installed)
         monkeypatch.setattr(subprocess, "run", run)
         return which, run
 

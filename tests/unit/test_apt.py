@@ -14,6 +14,8 @@ from mlserve.errors import SetupError
 
 from .host_fakes import ALL_PROGRAMS, Install, make_machine
 
+# The gateway router's packages are told by a file they install; these tests are about the others.
+ROUTER = {p.program for p in apt.PACKAGES if p.program.startswith("/")}
 
 @pytest.fixture
 def machine(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Install:
@@ -21,7 +23,7 @@ def machine(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Install:
 
 
 def test_missing_packages_look_in_sbin_too(machine):
-    which, _ = machine({"dockerd", "debootstrap"})
+    which, _ = machine({"dockerd", "debootstrap"} | ROUTER)
     assert [p.name for p in apt.missing_packages()] == ["nginx-light", "wrk"]
     assert all("/usr/sbin" in (path or "").split(os.pathsep) for path in which.paths)
 
@@ -31,11 +33,12 @@ def test_nothing_missing_runs_no_apt(machine):
     messages: list[str] = []
     assert apt.ensure_packages(messages.append) == []
     assert run.calls == []
-    assert "docker.io, nginx-light, debootstrap, wrk ... ok" in messages[0]
+    assert ("docker.io, nginx-light, libnginx-mod-http-lua, lua-resty-core, lua-cjson, debootstrap, wrk ... ok"
+            in messages[0])
 
 
 def test_installs_only_what_is_missing_after_one_update(machine):
-    _, run = machine({"dockerd", "debootstrap", "apt-get"})
+    _, run = machine({"dockerd", "debootstrap", "apt-get"} | ROUTER)
     assert apt.ensure_packages(lambda _: None) == ["nginx-light", "wrk"]
     commands = [command for command, _ in run.calls]
     assert commands == [["apt-get", "update"], apt.apt_install_command(["nginx-light", "wrk"])]
@@ -57,7 +60,7 @@ def test_an_existing_service_policy_is_left_alone(machine):
 
 
 def test_not_root_names_the_exact_apt_command(machine, monkeypatch):
-    _, run = machine({"dockerd", "debootstrap", "apt-get"})
+    _, run = machine({"dockerd", "debootstrap", "apt-get"} | ROUTER)
     monkeypatch.setattr(apt.os, "geteuid", lambda: 1000)
     with pytest.raises(SetupError) as caught:
         apt.ensure_packages(lambda _: None)
@@ -67,7 +70,7 @@ def test_not_root_names_the_exact_apt_command(machine, monkeypatch):
 
 
 def test_without_apt_get_names_the_programs(machine):
-    machine({"dockerd"})
+    machine({"dockerd"} | ROUTER)
     with pytest.raises(SetupError) as caught:
         apt.ensure_packages(lambda _: None)
     assert "apt-get is not available" in caught.value.message
@@ -103,3 +106,9 @@ def test_default_nginx_started_by_the_package_is_stopped(machine):
         if stray.poll() is None:
             stray.kill()
             stray.wait()
+
+
+def test_the_gateways_router_packages_are_installed_when_their_files_are_missing(machine):
+    _, run = machine(ALL_PROGRAMS - ROUTER)
+    assert apt.ensure_packages(lambda _: None) == ["libnginx-mod-http-lua", "lua-resty-core", "lua-cjson"]
+    assert any("libnginx-mod-http-lua" in command for command, _ in run.calls)

@@ -1,4 +1,8 @@
-"""The gateway's rendered nginx.conf (compared whole), what it refuses to render, and its reload logic."""
+"""The gateway's rendered nginx.conf (compared whole), the routing table it pushes, what it refuses, and
+when it reloads nginx (only for a settings change) and how.
+
+To accept a deliberate change of nginx.conf, render again with MLSERVE_UPDATE_EXPECTED=1 and review the diff.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import dataclasses
 import hashlib
 import os
 import signal
-import socket
 import subprocess
+from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -16,273 +22,125 @@ import mlserve.gateway as gateway_module
 from mlserve.errors import GatewayError
 from mlserve.gateway import Gateway, GatewaySettings, Route
 from mlserve.home import Home
+from tests.harness import free_port
 
+EXPECTED = Path(__file__).parent / "expected"
 HOME = Path("/srv/mlh")
 A, B, C = "A" * 22, "B" * 22, "C" * 22
-
-# The whole nginx.conf with no job; @@UPSTREAMS@@ and @@LOCATIONS@@ mark where jobs and projects go.
-SKELETON = r'''# Rendered by mlserve from its state (GENERATION); do not edit, `mlserve gateway start` rewrites it.
-user root;
-worker_processes 2;
-pid /srv/mlh/gateway/nginx.pid;
-error_log /srv/mlh/gateway/error.log warn;
-
-events {
-    worker_connections 4096;
-}
-
-http {
-    access_log /srv/mlh/gateway/access.log combined buffer=64k flush=2s;
-    server_tokens off;
-    # Every answer of the gateway's own is JSON, whatever the path's extension looks like.
-    types {}
-    # A reload (every route change) closes idle keep-alive connections; a client that reuses one
-    # just then retries on a new one, as HTTP allows for idempotent requests and curl and browsers do.
-    keepalive_timeout 30s;
-    default_type application/json;
-    client_body_temp_path /srv/mlh/gateway/tmp/body;
-    uwsgi_temp_path /srv/mlh/gateway/tmp/uwsgi;
-    proxy_temp_path /srv/mlh/gateway/tmp/proxy;
-    fastcgi_temp_path /srv/mlh/gateway/tmp/fastcgi;
-    scgi_temp_path /srv/mlh/gateway/tmp/scgi;
-
-    # One body limit and one timeout, the same as every instance's uWSGI.
-    client_max_body_size 100m;
-    # Bodies past this are spooled to disk before they reach an instance.
-    client_body_buffer_size 128k;
-    client_body_timeout 60s;
-    uwsgi_read_timeout 60s;
-    uwsgi_send_timeout 60s;
-    uwsgi_connect_timeout 5s;
-    # A failed connect moves on to another instance; a request already sent is never replayed.
-    uwsgi_next_upstream error timeout;
-    uwsgi_next_upstream_tries 3;
-
-    # The endpoint prefix is the app's SCRIPT_NAME, the rest its PATH_INFO. Projects first:
-    # an owner name could look like an endpoint id.
-    map $uri $mlserve_script_name {
-        "~^(?<prefix>/serve/[a-z0-9][a-z0-9_-]*/projects/[a-z0-9][a-z0-9_-]*)(/|$)" $prefix;
-        "~^(?<prefix>/serve/[A-Za-z0-9]{22})(/|$)" $prefix;
-        default "";
-    }
-    map $uri $mlserve_path_info {
-        "~^/serve/[a-z0-9][a-z0-9_-]*/projects/[a-z0-9][a-z0-9_-]*(?<rest>/.*)$" $rest;
-        "~^/serve/[A-Za-z0-9]{22}(?<rest>/.*)$" $rest;
-        default /;
-    }
-
-    uwsgi_param QUERY_STRING $query_string;
-    uwsgi_param REQUEST_METHOD $request_method;
-    uwsgi_param CONTENT_TYPE $content_type;
-    uwsgi_param CONTENT_LENGTH $content_length;
-    uwsgi_param REQUEST_URI $request_uri;
-    uwsgi_param SCRIPT_NAME $mlserve_script_name;
-    uwsgi_param PATH_INFO $mlserve_path_info;
-    uwsgi_param SERVER_PROTOCOL $server_protocol;
-    uwsgi_param REQUEST_SCHEME $scheme;
-    uwsgi_param REMOTE_ADDR $remote_addr;
-    uwsgi_param REMOTE_PORT $remote_port;
-    uwsgi_param SERVER_ADDR $server_addr;
-    uwsgi_param SERVER_PORT $server_port;
-    uwsgi_param SERVER_NAME $host;
-
-@@UPSTREAMS@@    server {
-        listen 127.0.0.1:8000 backlog=4096;
-        server_name _;
-
-        # nginx's own error answers are JSON like the rest (an app's errors pass through untouched).
-        # Internal URIs, not named locations: nginx cannot redirect a request whose request line it
-        # could not parse (400, 414, 505) to a named location and would answer 500 in HTML instead.
-        error_page 400 /_mlserve/error/400;
-        error_page 404 /_mlserve/error/404;
-        error_page 405 /_mlserve/error/405;
-        error_page 408 /_mlserve/error/408;
-        error_page 411 /_mlserve/error/411;
-        error_page 413 /_mlserve/error/413;
-        error_page 414 /_mlserve/error/414;
-        error_page 494 /_mlserve/error/494;
-        error_page 500 /_mlserve/error/500;
-        error_page 501 /_mlserve/error/501;
-        error_page 502 /_mlserve/error/502;
-        error_page 503 /_mlserve/error/503;
-        error_page 504 /_mlserve/error/504;
-        error_page 505 /_mlserve/error/505;
-
-        # A path that tries to climb out of its endpoint never reaches another one.
-        if ($request_uri ~* "^[^?]*(/\.\.?(/|\?|$)|%2e|%2f|%5c|//)") {
-            return 400 '{"error": "bad path", "detail": "dot segments, encoded slashes and empty segments are refused"}\n';
-        }
-
-        location = /_mlserve/generation {
-            access_log off;
-            return 200 "GENERATION\n";
-        }
-@@LOCATIONS@@
-        location / {
-            return 404 '{"error": "no such endpoint"}\n';
-        }
-
-        # The status that goes out is the error's own; `return` gives the body. No body limit here, or a
-        # request refused with 413 would be refused again on its way to its answer (and get HTML).
-        location ^~ /_mlserve/error/ {
-            internal;
-            client_max_body_size 0;
-            location = /_mlserve/error/400 { return 400 '{"error": "bad request", "detail": "the gateway could not parse the request"}\n'; }
-            location = /_mlserve/error/404 { return 404 '{"error": "no such endpoint"}\n'; }
-            location = /_mlserve/error/405 { return 405 '{"error": "method not allowed"}\n'; }
-            # nginx closes the connection on a client timeout rather than answer; should it answer, JSON.
-            location = /_mlserve/error/408 { return 408 '{"error": "the client stopped sending its request", "timeout_s": 60, "setting": "mlserve gateway start --timeout S"}\n'; }
-            location = /_mlserve/error/411 { return 411 '{"error": "length required"}\n'; }
-            location = /_mlserve/error/413 { return 413 '{"error": "request body too large", "limit_mb": 100, "setting": "mlserve gateway start --body-limit MB"}\n'; }
-            location = /_mlserve/error/414 { return 414 '{"error": "request URI too long"}\n'; }
-            # nginx sends its internal 494 as a 400.
-            location = /_mlserve/error/494 { return 400 '{"error": "request headers too large"}\n'; }
-            location = /_mlserve/error/500 { return 500 '{"error": "internal gateway error"}\n'; }
-            location = /_mlserve/error/501 { return 501 '{"error": "not implemented", "detail": "the gateway does not support this method or Transfer-Encoding"}\n'; }
-            location = /_mlserve/error/502 {
-                add_header Retry-After 2 always;
-                return 502 '{"error": "the serving instance did not answer"}\n';
-            }
-            location = /_mlserve/error/503 {
-                add_header Retry-After 5 always;
-                return 503 '{"error": "service unavailable"}\n';
-            }
-            location = /_mlserve/error/504 { return 504 '{"error": "request timed out", "timeout_s": 60, "setting": "mlserve gateway start --timeout S"}\n'; }
-            location = /_mlserve/error/505 { return 505 '{"error": "HTTP version not supported"}\n'; }
-        }
-    }
-}
-'''
-
-HELLO_SLUG = hashlib.sha256(b"alice/projects/hello").hexdigest()[:16]
+SETTINGS = GatewaySettings("127.0.0.1", 8000, 100, 60)
+ROUTER = "@ROUTER@"  # stands for the router's folder, which is wherever mlserve is installed
 
 
 @pytest.fixture
 def fixed_host(monkeypatch):
-    """The machine's parts of the configuration (cores, whether we are root) fixed."""
+    """The machine's parts of the configuration (cores, whether we are root, the Lua module) fixed."""
     monkeypatch.setattr(gateway_module, "worker_processes", lambda: 2)
     monkeypatch.setattr(gateway_module, "nginx_user", lambda: "root")
+    monkeypatch.setattr(gateway_module, "lua_modules", lambda: gateway_module.NGINX_MODULES)
 
 
-def _gateway(home: Path = HOME, port: int = 8000) -> Gateway:
-    return Gateway(Home(home), GatewaySettings("127.0.0.1", port, 100, 60))
+def _gateway(home: Path = HOME, settings: GatewaySettings = SETTINGS) -> Gateway:
+    return Gateway(Home(home), settings)
 
 
 def _sock(job_id: str) -> str:
     return f"{HOME}/run/{job_id}/sock/uwsgi.sock"
 
 
-def _rendered(routes: list[Route], projects: list[str]) -> str:
-    text, generation = _gateway().render(routes, projects)
-    # The generation is the hash of the text rendered with a placeholder in its place.
+def _router_code() -> bytes:
+    return (resources.files("mlserve.templates") / "lua" / "mlserve_router.lua").read_bytes()
+
+
+def _rendered(gateway: Gateway) -> str:
+    """nginx.conf with the generation and the router's folder as placeholders."""
+    text, generation = gateway.render()
+    # The generation hashes the text rendered with a placeholder in its place, and the router's code.
     unmarked = text.replace(generation, "GENERATION")
-    assert generation == hashlib.sha256(unmarked.encode()).hexdigest()[:16]
-    return unmarked
+    assert generation == hashlib.sha256(unmarked.encode() + _router_code()).hexdigest()[:16]
+    router = str(resources.files("mlserve.templates") / "lua")
+    assert f'lua_package_path "{router}/?.lua;' in unmarked
+    return unmarked.replace(router, ROUTER)
 
 
-def _expected(upstreams: str = "", locations: str = "") -> str:
-    return SKELETON.replace("@@UPSTREAMS@@", upstreams).replace("@@LOCATIONS@@", locations)
+def _matches(name: str, text: str) -> None:
+    path = EXPECTED / name
+    if os.environ.get("MLSERVE_UPDATE_EXPECTED"):
+        path.write_text(text)
+    assert text == path.read_text()
 
 
-def test_rendered_config_without_jobs(fixed_host):
-    assert _rendered([], []) == _expected()
+# -- nginx.conf: the gateway's own settings only -----------------------------------------------
 
 
-def test_rendered_config_with_two_healthy_jobs_of_one_project(fixed_host):
+def test_rendered_config(fixed_host):
+    _matches("nginx.default.conf", _rendered(_gateway()))
+
+
+def test_rendered_config_with_other_settings(fixed_host, monkeypatch):
+    monkeypatch.setattr(gateway_module, "worker_processes", lambda: 4)
+    monkeypatch.setattr(gateway_module, "nginx_user", lambda: None)  # not root: nginx keeps its user
+    settings = GatewaySettings("0.0.0.0", 9123, 7, 15)
+    _matches("nginx.other.conf", _rendered(_gateway(Path("/home/ann/.mlserve"), settings)))
+
+
+def test_routes_never_reach_nginx_conf(fixed_host):
+    # Whatever runs, nginx.conf (and so whether nginx reloads) depends on the settings alone.
+    gateway = _gateway()
+    table = gateway.routing_table([Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True)], [])
+    assert table["jobs"]
+    text = gateway.render()[0]
+    assert A not in text and "alice" not in text
+
+
+def test_a_new_router_is_a_new_generation(fixed_host, monkeypatch, tmp_path):
+    # An upgraded router must be loaded: its code is part of the generation, so nginx.conf changes.
+    (tmp_path / "lua").mkdir()
+    monkeypatch.setattr(gateway_module, "resources", SimpleNamespace(files=lambda package: tmp_path))
+    generations = []
+    for code in ("return 1\n", "return 2\n"):
+        (tmp_path / "lua" / "mlserve_router.lua").write_text(code)
+        generations.append(_gateway().render()[1])
+    assert generations[0] != generations[1]
+
+
+# -- the routing table -------------------------------------------------------------------------
+
+
+def test_routing_table_without_jobs():
+    assert _gateway().routing_table([], []) == {"jobs": {}, "projects": {}}
+
+
+def test_routing_table_with_two_healthy_jobs_of_one_project():
     routes = [
         Route(B, "alice/projects/hello/2", "alice/projects/hello", _sock(B), True),
         Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True),
     ]
-    upstreams = f"""    upstream job_{A} {{
-        server unix:/srv/mlh/run/{A}/sock/uwsgi.sock;
-    }}
-
-    upstream job_{B} {{
-        server unix:/srv/mlh/run/{B}/sock/uwsgi.sock;
-    }}
-
-    upstream project_{HELLO_SLUG} {{
-        server unix:/srv/mlh/run/{A}/sock/uwsgi.sock max_fails=1 fail_timeout=5s;
-        server unix:/srv/mlh/run/{B}/sock/uwsgi.sock max_fails=1 fail_timeout=5s;
-    }}
-
-"""
-    locations = f"""
-        # alice/projects/hello/1
-        location = /serve/{A} {{
-            uwsgi_pass job_{A};
-        }}
-        location ^~ /serve/{A}/ {{
-            uwsgi_pass job_{A};
-        }}
-
-        # alice/projects/hello/2
-        location = /serve/{B} {{
-            uwsgi_pass job_{B};
-        }}
-        location ^~ /serve/{B}/ {{
-            uwsgi_pass job_{B};
-        }}
-
-        # project alice/projects/hello: 2 healthy job(s)
-        location = /serve/alice/projects/hello {{
-            uwsgi_pass project_{HELLO_SLUG};
-        }}
-        location ^~ /serve/alice/projects/hello/ {{
-            uwsgi_pass project_{HELLO_SLUG};
-        }}
-"""
-    assert _rendered(routes, ["alice/projects/hello"]) == _expected(upstreams, locations)
+    assert _gateway().routing_table(routes, ["alice/projects/hello"]) == {
+        "jobs": {
+            A: {"name": "alice/projects/hello/1", "socket": f"/srv/mlh/run/{A}/sock/uwsgi.sock", "ready": True},
+            B: {"name": "alice/projects/hello/2", "socket": f"/srv/mlh/run/{B}/sock/uwsgi.sock", "ready": True},
+        },
+        "projects": {"alice/projects/hello": {"ready": [A, B]}},  # in job order: the round robin
+    }
 
 
-def test_rendered_config_with_a_sick_job_and_a_stopped_project(fixed_host):
+def test_routing_table_with_a_sick_job_and_a_stopped_project():
     routes = [
         Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True),
         Route(C, "alice/projects/hello/2", "alice/projects/hello", _sock(C), False),
     ]
-    upstreams = f"""    upstream job_{A} {{
-        server unix:/srv/mlh/run/{A}/sock/uwsgi.sock;
-    }}
-
-    upstream project_{HELLO_SLUG} {{
-        server unix:/srv/mlh/run/{A}/sock/uwsgi.sock max_fails=1 fail_timeout=5s;
-    }}
-
-"""
-    locations = f"""
-        # alice/projects/hello/1
-        location = /serve/{A} {{
-            uwsgi_pass job_{A};
-        }}
-        location ^~ /serve/{A}/ {{
-            uwsgi_pass job_{A};
-        }}
-
-        # alice/projects/hello/2
-        location ^~ /serve/{C} {{
-            add_header Retry-After 5 always;
-            return 503 '{{"error": "job not available", "job": "alice/projects/hello/2", "detail": "see `mlserve info alice/projects/hello/2`"}}\\n';
-        }}
-
-        # project alice/projects/hello: 1 healthy job(s)
-        location = /serve/alice/projects/hello {{
-            uwsgi_pass project_{HELLO_SLUG};
-        }}
-        location ^~ /serve/alice/projects/hello/ {{
-            uwsgi_pass project_{HELLO_SLUG};
-        }}
-
-        # project bob/projects/idle: 0 healthy job(s)
-        location ^~ /serve/bob/projects/idle {{
-            add_header Retry-After 5 always;
-            return 503 '{{"error": "no healthy serving job", "project": "bob/projects/idle"}}\\n';
-        }}
-"""
-    assert _rendered(routes, ["bob/projects/idle"]) == _expected(upstreams, locations)
+    assert _gateway().routing_table(routes, ["bob/projects/idle"]) == {
+        "jobs": {
+            A: {"name": "alice/projects/hello/1", "socket": f"/srv/mlh/run/{A}/sock/uwsgi.sock", "ready": True},
+            # Known (its endpoint answers 503), but in no pool.
+            C: {"name": "alice/projects/hello/2", "socket": f"/srv/mlh/run/{C}/sock/uwsgi.sock", "ready": False},
+        },
+        "projects": {"alice/projects/hello": {"ready": [A]}, "bob/projects/idle": {"ready": []}},
+    }
 
 
 def test_a_route_carries_no_text_from_the_app():
-    # Why a job is sick (an app's health answer) stays in the state: nothing of it reaches nginx.conf.
+    # Why a job is sick (an app's health answer) stays in the state: nothing of it reaches the router.
     assert [field.name for field in dataclasses.fields(Route)] == ["job_id", "name", "project_key", "socket", "healthy"]
 
 
@@ -291,52 +149,75 @@ def test_a_route_carries_no_text_from_the_app():
     Route(A, "alice/projects/hello/1", "alice/projects/hello;", _sock(A), True),
     Route(A, "alice/projects/hello/1", "alice/projects/other", _sock(A), True),
     Route("A" * 21 + "$", "alice/projects/hello/1", "alice/projects/hello", _sock(A), True),
+    Route("A" * 21, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True),
     Route(A, "alice/projects/hello/1", "alice/projects/hello", "/elsewhere/uwsgi.sock", True),
     Route(A, "alice/projects/hello/1", "alice/projects/hello", f"{HOME}/run/../../etc/uwsgi.sock", True),
     Route(A, "alice/projects/hello/1", "alice/projects/hello", f"{HOME}/run/{A}/uwsgi.sock; evil", True),
-], ids=["name", "project", "name-outside-project", "job-id", "socket-outside-home", "socket-dotdot", "socket-chars"])
-def test_render_refuses_text_that_nginx_conf_must_not_contain(route):
+    Route(A, "alice/projects/hello/1", "alice/projects/hello", f"{HOME}x/run/{A}/uwsgi.sock", True),
+], ids=["name", "project", "name-outside-project", "job-id", "job-id-short", "socket-outside-home",
+        "socket-dotdot", "socket-chars", "socket-beside-home"])
+def test_routing_table_refuses_what_mlserve_does_not_make(route):
     with pytest.raises(GatewayError):
-        _gateway().render([route], [])
+        _gateway().routing_table([route], [])
 
 
-@pytest.mark.parametrize("project", ["alice/projects/x y", "alice/projects/x}", "Alice/projects/x", "alice/x"])
-def test_render_refuses_a_bad_project_key(project):
+@pytest.mark.parametrize("project", ["alice/projects/x y", "alice/projects/x}", "Alice/projects/x", "alice/x",
+                                     "alice/projects/x/1"])
+def test_routing_table_refuses_a_bad_project_key(project):
     with pytest.raises(GatewayError):
-        _gateway().render([], [project])
+        _gateway().routing_table([], [project])
 
 
-def test_render_refuses_a_home_path_nginx_would_split(tmp_path):
+# -- the settings nginx.conf is made of --------------------------------------------------------
+
+
+def test_render_refuses_a_home_path_nginx_would_split(fixed_host, tmp_path):
+    with pytest.raises(GatewayError, match="MLSERVE_HOME"):
+        _gateway(tmp_path / "my home").render()
+
+
+@pytest.mark.parametrize("settings", [
+    GatewaySettings("127.0.0.1; evil", 8000, 100, 60),
+    GatewaySettings("", 8000, 100, 60),
+    GatewaySettings("127.0.0.1", 0, 100, 60),
+    GatewaySettings("127.0.0.1", 8000, -1, 60),
+    GatewaySettings("127.0.0.1", 8000, 100, 0),
+    GatewaySettings("127.0.0.1", 8000, 100, "60; evil"),  # type: ignore[arg-type]
+    GatewaySettings("127.0.0.1", 8000, True, 60),
+], ids=["host-chars", "host-empty", "port", "body-limit", "timeout", "timeout-text", "body-limit-bool"])
+def test_render_refuses_a_setting_nginx_conf_must_not_contain(fixed_host, settings):
     with pytest.raises(GatewayError):
-        _gateway(tmp_path / "my home").render([], [])
+        _gateway(settings=settings).render()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# -- apply: a reload only for a settings change ------------------------------------------------
 
 
 @pytest.fixture
 def fake_nginx(monkeypatch):
-    """nginx that accepts every configuration and starts at once; the calls it got."""
-    calls: list[tuple[str, ...]] = []
+    """nginx that accepts every configuration and starts at once, and a router that takes every table.
+
+    What it was asked: ``calls`` (nginx's arguments) and ``pushed`` (the tables)."""
+    fake = SimpleNamespace(calls=[], pushed=[])
 
     def run(self, nginx, *args):
-        calls.append(args)
+        fake.calls.append(args)
         return subprocess.CompletedProcess(args, 0, "", "")
 
     monkeypatch.setattr(Gateway, "nginx", lambda self: "/usr/sbin/nginx")
     monkeypatch.setattr(Gateway, "_nginx", run)
     monkeypatch.setattr(Gateway, "_wait_for", lambda self, *args: None)
-    return calls
+    monkeypatch.setattr(Gateway, "_push", lambda self, table: fake.pushed.append(table))
+    return fake
 
 
-def _running_gateway(tmp_path: Path, monkeypatch, pids: list[int | None]) -> Gateway:
-    """A gateway whose master's pid is read as ``pids`` say, one after another (the last one stays)."""
-    gateway = _gateway(tmp_path, _free_port())
+def _running_gateway(tmp_path: Path, monkeypatch, pids: list[int | None], config: str | None = None) -> Gateway:
+    """A gateway whose master's pid is read as ``pids`` say, one after another (the last one stays), and
+    whose nginx.conf is ``config`` (by default an older one, of other settings)."""
+    gateway = _gateway(tmp_path, dataclasses.replace(SETTINGS, port=free_port()))
     gateway.dir.mkdir(parents=True)
-    gateway.config.write_text(f"# an older configuration\nlisten 127.0.0.1:{gateway.settings.port} backlog=4096;\n")
+    gateway.config.write_text(config if config is not None else
+                              f"# an older configuration\nlisten 127.0.0.1:{gateway.settings.port} backlog=4096;\n")
     answers = iter(pids)
     last: list[int | None] = [None]
 
@@ -348,9 +229,15 @@ def _running_gateway(tmp_path: Path, monkeypatch, pids: list[int | None]) -> Gat
     return gateway
 
 
+def _signals(monkeypatch) -> list[tuple[int, int]]:
+    signalled: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append((pid, sig)))
+    return signalled
+
+
 @pytest.mark.parametrize("reaped", [True, False], ids=["master-gone", "master-not-yet-reaped"])
-def test_apply_starts_nginx_instead_of_signalling_pid_zero_when_the_master_died(tmp_path, monkeypatch, fake_nginx,
-                                                                                 reaped):
+def test_apply_starts_nginx_instead_of_signalling_pid_zero_when_the_master_died(tmp_path, monkeypatch, fixed_host,
+                                                                                 fake_nginx, reaped):
     gateway = _running_gateway(tmp_path, monkeypatch, [4_000_000, None])  # it dies right after the first look
     signalled: list[tuple[int, int]] = []
 
@@ -362,16 +249,40 @@ def test_apply_starts_nginx_instead_of_signalling_pid_zero_when_the_master_died(
     monkeypatch.setattr(os, "kill", kill)
     gateway.apply([], ["alice/projects/hello"])
     assert all(pid > 0 for pid, _ in signalled), signalled
-    assert ("-c", str(gateway.config)) in fake_nginx  # started instead
+    assert ("-c", str(gateway.config)) in fake_nginx.calls  # started instead
+    assert fake_nginx.pushed == [{"jobs": {}, "projects": {"alice/projects/hello": {"ready": []}}}]
 
 
-def test_apply_reloads_a_running_master(tmp_path, monkeypatch, fake_nginx):
+def test_apply_reloads_a_running_master_when_its_settings_changed(tmp_path, monkeypatch, fixed_host, fake_nginx):
     gateway = _running_gateway(tmp_path, monkeypatch, [4_000_000])
-    signalled: list[tuple[int, int]] = []
-    monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append((pid, sig)))
+    signalled = _signals(monkeypatch)
     gateway.apply([], ["alice/projects/hello"])
     assert signalled == [(4_000_000, signal.SIGHUP)]
-    assert [args[0] for args in fake_nginx] == ["-t"]  # checked, not started a second time
+    assert [args[0] for args in fake_nginx.calls] == ["-t"]  # checked, not started a second time
+    assert gateway.config.read_text() == gateway.render()[0]
+    assert fake_nginx.pushed == [{"jobs": {}, "projects": {"alice/projects/hello": {"ready": []}}}]
+
+
+def test_apply_with_the_same_settings_only_pushes_the_routes(tmp_path, monkeypatch, fixed_host, fake_nginx):
+    gateway = _running_gateway(tmp_path, monkeypatch, [4_000_000], config="")
+    gateway.config.write_text(gateway.render()[0])  # what the running master was started with
+    signalled = _signals(monkeypatch)
+    tables: list[dict[str, Any]] = []
+    for members in ([A], [A, B], [B], []):
+        routes = [Route(job_id, f"alice/projects/hello/{n}", "alice/projects/hello", str(gateway.home.socket(job_id)),
+                        True) for n, job_id in enumerate(members, 1)]
+        gateway.apply(routes, ["alice/projects/hello"])
+        tables.append(gateway.routing_table(routes, ["alice/projects/hello"]))
+    assert signalled == [] and fake_nginx.calls == []  # no check, no start, no reload
+    assert fake_nginx.pushed == tables
+
+
+def test_apply_refuses_a_bad_route_before_it_touches_nginx(tmp_path, monkeypatch, fixed_host, fake_nginx):
+    gateway = _running_gateway(tmp_path, monkeypatch, [4_000_000])
+    signalled = _signals(monkeypatch)
+    with pytest.raises(GatewayError):
+        gateway.apply([Route(A, "alice/projects/hello/1", "alice/projects/hello", "/elsewhere/uwsgi.sock", True)])
+    assert signalled == [] and fake_nginx.calls == [] and fake_nginx.pushed == []
 
 
 def test_wait_for_returns_only_once_old_workers_stopped_accepting(tmp_path, monkeypatch):
@@ -397,6 +308,17 @@ def test_wait_for_gives_up_when_an_old_worker_keeps_accepting(tmp_path, monkeypa
     monkeypatch.setattr(gateway_module, "RELOAD_WAIT_S", 0.1)
     with pytest.raises(GatewayError, match=r"workers \[11\]"):
         gateway._wait_for("new", {11})
+
+
+# -- what the gateway reports ------------------------------------------------------------------
+
+
+def test_routes_is_the_last_table_pushed_and_empty_before_any(tmp_path):
+    gateway = _gateway(tmp_path)
+    assert gateway.routes() == {"jobs": {}, "projects": {}}
+    gateway.dir.mkdir(parents=True)
+    (gateway.dir / "routes.json").write_text("not json")
+    assert gateway.routes() == {"jobs": {}, "projects": {}}
 
 
 def test_cap_logs_empties_only_logs_past_the_limit(tmp_path):

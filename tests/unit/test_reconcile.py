@@ -10,7 +10,7 @@ from mlserve import supervisor as supervisor_module
 from mlserve.actors import actor_alive, this_actor
 from mlserve.config import HealthPolicy
 from mlserve.constants import MAX_RESTART_STREAK, RESTART_AFTER_FAILURES
-from mlserve.health import ProbeResult
+from mlserve.health import Liveness, ProbeResult
 from mlserve.home import Home
 from mlserve.platform import Platform
 from mlserve.reconcile import Observation, Plan, plan
@@ -114,6 +114,65 @@ def test_watch_restarts_with_backoff_and_fails_after_a_streak():
     assert watch.dead("gone", NOW + 3) == Decision("restart", "gone")
     watch.streak = MAX_RESTART_STREAK
     assert watch.dead("gone", NOW + 100).action == "fail"  # type: ignore[union-attr]
+
+
+BUSY = Liveness(alive=True, busy=True, detail="2 of 2 workers busy, the longest request for 12s")
+IDLE = Liveness(alive=True, busy=False, detail="1 of 2 workers idle")
+GONE = Liveness(alive=False, busy=False, detail="the uWSGI master does not answer (ConnectionRefusedError)")
+
+
+def test_watch_a_busy_job_counts_no_failure_keeps_its_place_and_is_never_restarted():
+    watch, policy = Watch(), HealthPolicy(failures=2)
+    decisions = [watch.checked(False, "timed out", NOW + 2 * i, in_rotation=True, policy=policy, life=BUSY)
+                 for i in range(RESTART_AFTER_FAILURES * 10)]
+    assert decisions == [None] * len(decisions)  # no leave, no restart, ever
+    assert watch.failures == 0 and watch.busy_since == NOW
+    assert watch.checked(True, "", NOW + 200, in_rotation=True, policy=policy, life=IDLE) is None
+    assert watch.busy_since is None
+
+
+def test_watch_a_master_that_is_gone_is_restarted_even_after_a_busy_spell():
+    watch, policy = Watch(), HealthPolicy(failures=2)
+    for i in range(5):
+        assert watch.checked(False, "timed out", NOW + i, in_rotation=True, policy=policy, life=BUSY) is None
+    decisions = [watch.checked(False, "ConnectionRefusedError", NOW + 10 + i, in_rotation=True, policy=policy,
+                               life=GONE) for i in range(RESTART_AFTER_FAILURES)]
+    assert decisions[0] is None
+    assert decisions[1] == Decision("leave", "health check failed 2x: ConnectionRefusedError; " + GONE.detail)
+    last = decisions[-1]
+    assert last is not None and last.action == "restart" and "does not answer" in (last.reason or "")
+    # And when the runtime says the instance is gone, it is restarted without waiting for checks.
+    fresh = Watch()
+    fresh.checked(False, "timed out", NOW, in_rotation=True, policy=policy, life=BUSY)
+    assert fresh.dead("instance exited (137), out of memory", NOW) == Decision(
+        "restart", "instance exited (137), out of memory")
+
+
+def test_watch_a_probe_failure_with_idle_workers_counts_as_before():
+    watch, policy = Watch(), HealthPolicy(failures=2)
+    decisions = [watch.checked(False, "503", NOW + i, in_rotation=True, policy=policy, life=IDLE)
+                 for i in range(RESTART_AFTER_FAILURES)]
+    assert decisions[0] is None
+    assert decisions[1] == Decision("leave", "health check failed 2x: 503; 1 of 2 workers idle")
+    assert decisions[2] is not None and decisions[2].action == "leave"
+    assert decisions[-1] == Decision("restart", f"health check failed {RESTART_AFTER_FAILURES}x: 503; 1 of 2 workers idle")
+
+
+def test_watch_a_busy_check_between_failures_neither_passes_nor_fails():
+    watch, policy = Watch(), HealthPolicy(failures=2)
+    assert watch.checked(False, "503", NOW, in_rotation=True, policy=policy, life=IDLE) is None
+    assert watch.checked(False, "not probed", NOW + 2, in_rotation=True, policy=policy, life=BUSY) is None
+    assert watch.checked(False, "503", NOW + 4, in_rotation=True, policy=policy, life=IDLE) == Decision(
+        "leave", "health check failed 2x: 503; 1 of 2 workers idle")
+
+
+def test_watch_leaves_the_rotation_while_a_restart_waits_for_its_backoff():
+    watch, policy = Watch(), HealthPolicy(failures=2)
+    watch.restarted(NOW)  # backoff until NOW + 2
+    for i in range(RESTART_AFTER_FAILURES - 1):
+        watch.checked(False, "x", NOW + 0.1 * i, in_rotation=False, policy=policy, life=IDLE)
+    assert watch.checked(False, "x", NOW + 1, in_rotation=True, policy=policy, life=IDLE) == Decision(
+        "leave", f"health check failed {RESTART_AFTER_FAILURES}x: x; 1 of 2 workers idle")
 
 
 # -- the supervisor: one bad job never stops the round for the others ---------------------------------

@@ -76,3 +76,15 @@ def test_settings(tmp_path):
     store.set_setting("gateway.port", "8123")
     store.set_setting("gateway.port", "8124")
     assert store.get_setting("gateway.port") == "8124"
+
+
+def test_the_home_is_private(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.setenv("MLSERVE_HOME", str(tmp_path / "home"))
+    home = Home.from_env()
+    assert stat.S_IMODE(home.root.stat().st_mode) == 0o700
+    os.chmod(home.root, 0o755)
+    Home.from_env()
+    assert stat.S_IMODE(home.root.stat().st_mode) == 0o700

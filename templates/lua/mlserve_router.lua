@@ -1,0 +1,167 @@
+-- mlserve's routing plane: which instance takes a request, decided per request from a table that
+-- mlserve pushes over the gateway's control socket. Changing who takes traffic never reloads nginx,
+-- so keep-alive clients never see a closed connection because of it.
+--
+-- The table (JSON):
+--   jobs:     { <endpoint id>: { name = "owner/projects/p/3", socket = "/...", ready = true } }
+--   projects: { "owner/projects/p": { ready = { <endpoint id>, ... } } }
+-- Every worker reads the shared copy when its version changes, so a push is live on all workers
+-- for their next request.
+
+local cjson = require "cjson.safe"
+local balancer = require "ngx.balancer"
+local ffi = require "ffi"
+local bit = require "bit"
+
+ffi.cdef [[
+struct mlserve_sockaddr_un { unsigned short sun_family; char sun_path[108]; };
+int socket(int domain, int type, int protocol);
+int connect(int fd, const void *addr, unsigned int len);
+int close(int fd);
+]]
+local AF_UNIX, SOCK_STREAM, SOCK_NONBLOCK = 1, 1, 2048
+local ENOENT, ECONNREFUSED = 2, 111
+
+local shared = ngx.shared.mlserve
+local M = {}
+
+local cached_version = nil
+local routes = { jobs = {}, projects = {} }
+local turns = {} -- round-robin position per pool, per worker
+
+-- A peer that cannot exist: connecting to it fails at once and ends the tries with a 502.
+local NO_REPLAY = "unix:/nonexistent/mlserve-never-resend-a-sent-request.sock"
+
+-- Whether an instance's socket still takes connections: a non-blocking connect, closed at once
+-- (cosockets are not available in the balancer). Refused or gone means its instance died.
+local function accepts(path)
+    local fd = ffi.C.socket(AF_UNIX, bit.bor(SOCK_STREAM, SOCK_NONBLOCK), 0)
+    if fd < 0 then
+        return true -- cannot tell: take it as alive, so nothing is resent
+    end
+    local addr = ffi.new("struct mlserve_sockaddr_un")
+    addr.sun_family = AF_UNIX
+    ffi.copy(addr.sun_path, path)
+    local rc = ffi.C.connect(fd, addr, ffi.sizeof(addr))
+    local err = ffi.errno()
+    ffi.C.close(fd)
+    return rc == 0 or (err ~= ECONNREFUSED and err ~= ENOENT)
+end
+
+local function current()
+    local version = shared:get("version")
+    if version ~= cached_version then
+        local decoded = cjson.decode(shared:get("routes") or "")
+        if type(decoded) == "table" then
+            routes = decoded
+        end
+        cached_version = version
+    end
+    return routes
+end
+
+local function answer(status, body, retry_after)
+    ngx.status = status
+    ngx.header["Content-Type"] = "application/json"
+    if retry_after then
+        ngx.header["Retry-After"] = retry_after
+    end
+    -- lua-cjson escapes "/" as "\/"; the names here never hold a backslash, so plain slashes are safe.
+    ngx.say((cjson.encode(body):gsub("\\/", "/")))
+    return ngx.exit(status)
+end
+
+local function valid(table_)
+    return type(table_) == "table" and type(table_.jobs) == "table" and type(table_.projects) == "table"
+end
+
+-- The control socket: PUT a new table, GET the current one.
+function M.control()
+    if ngx.req.get_method() == "GET" then
+        ngx.header["Content-Type"] = "application/json"
+        ngx.say(shared:get("routes") or '{"jobs": {}, "projects": {}}')
+        return
+    end
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data()
+    if not body or not valid(cjson.decode(body)) then
+        return answer(400, { error = "a routing table is a JSON object with jobs and projects" })
+    end
+    local ok, err = shared:set("routes", body)
+    if not ok then
+        return answer(500, { error = "the routing table does not fit: " .. tostring(err) })
+    end
+    local version = shared:incr("version", 1, 0)
+    ngx.say(cjson.encode({ version = version }))
+end
+
+-- Access phase: find the endpoint (whole path segments only), set SCRIPT_NAME and PATH_INFO, and
+-- choose the pool of instances the balancer picks from; unknown and unavailable endpoints get JSON.
+function M.route()
+    local t = current()
+    local uri = ngx.var.uri
+    local owner, project, rest = uri:match("^/serve/([a-z0-9][a-z0-9_%-]*)/projects/([a-z0-9][a-z0-9_%-]*)(.*)$")
+    local prefix, pool, key
+    if owner and (rest == "" or rest:sub(1, 1) == "/") then
+        key = owner .. "/projects/" .. project
+        local entry = t.projects[key]
+        if not entry then
+            return answer(404, { error = "no such endpoint" })
+        end
+        if #entry.ready == 0 then
+            return answer(503, { error = "no healthy serving job", project = key }, "5")
+        end
+        prefix, pool = "/serve/" .. key, entry.ready
+    else
+        local id
+        id, rest = uri:match("^/serve/([A-Za-z0-9]+)(.*)$")
+        local job = id and (rest == "" or rest:sub(1, 1) == "/") and t.jobs[id]
+        if not job then
+            return answer(404, { error = "no such endpoint" })
+        end
+        if not job.ready then
+            return answer(503, { error = "job not available", job = job.name,
+                                 detail = "see `mlserve info " .. job.name .. "`" }, "5")
+        end
+        prefix, pool, key = "/serve/" .. id, { id }, id
+    end
+    ngx.var.mlserve_script_name = prefix
+    ngx.var.mlserve_path_info = (rest ~= "" and rest) or "/"
+    local ctx = ngx.ctx
+    ctx.routes, ctx.pool, ctx.key = t, pool, key
+end
+
+-- Balancer phase: round robin over the pool. A try that failed before it connected moves on to the
+-- next instance. A request that reached an instance is sent again only when that whole instance
+-- died with it (killed, restarted: its socket refuses connections now), and only if nginx retries it
+-- at all (idempotent methods). If the instance lives on, the request itself broke its worker (out of
+-- memory, a crash): it is never sent to another one, so one bad request cannot take them all down.
+function M.balance()
+    local ctx = ngx.ctx
+    local pool = ctx.pool
+    if balancer.get_last_failure() then
+        -- $upstream_connect_time has one entry per try, the current (empty) one last.
+        local last = (ngx.var.upstream_connect_time or ""):match("([^,:%s]+)[,:%s]*$")
+        if ctx.stop or (last ~= "-" and accepts(ctx.socket)) then
+            ctx.stop = true
+            return balancer.set_current_peer(NO_REPLAY)
+        end
+    else
+        if #pool > 1 then
+            balancer.set_more_tries(#pool - 1)
+        end
+        local turn = (turns[ctx.key] or 0) + 1
+        turns[ctx.key] = turn
+        ctx.turn = turn
+    end
+    local id = pool[ctx.turn % #pool + 1]
+    ctx.turn = ctx.turn + 1
+    ctx.socket = ctx.routes.jobs[id].socket
+    local ok, err = balancer.set_current_peer("unix:" .. ctx.socket)
+    if not ok then
+        ngx.log(ngx.ERR, "mlserve: cannot route to ", id, ": ", err)
+        return ngx.exit(500)
+    end
+end
+
+return M
