@@ -16,6 +16,8 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NOTES_MARKER = "<!-- notes below this line are written by hand and kept when run.py rewrites the tables -->"
 SPEED = "Speed (issue 2)"
 HEALING = "Self-healing under load and faults (issue 3)"
+ROUTING = "Routing without reloads (issue 8)"
+TITLES = (SPEED, HEALING, ROUTING)  # in the order of RESULTS.md
 
 
 def machine() -> str:
@@ -35,11 +37,38 @@ def machine() -> str:
             f"Docker {docker_version or '?'}, {nginx}")
 
 
+HEADER = ["| benchmark | measured | target | met | notes |", "| --- | --- | --- | --- | --- |"]
+
+
+def row(r: Result) -> str:
+    return f"| {r.name} | {r.cell()} | {r.target} | {r.met()} | {r.note.replace('|', '/')} |"
+
+
 def table(results: list[Result], carried: Sequence[str] = ()) -> str:
-    lines = ["| benchmark | measured | target | met | notes |", "| --- | --- | --- | --- | --- |"]
-    for r in results:
-        lines.append(f"| {r.name} | {r.cell()} | {r.target} | {r.met()} | {r.note.replace('|', '/')} |")
-    return "\n".join([*lines, *carried])
+    return "\n".join([*HEADER, *map(row, results), *carried])
+
+
+def _old_block(old: str, title: str) -> str | None:
+    block = re.search(rf"## {re.escape(title)}\n\n(.*?)(?=\n## |\n{re.escape(NOTES_MARKER)}|\Z)", old, re.DOTALL)
+    return block.group(1).strip() if block else None
+
+
+def _merged(results: list[Result], block: str | None, since: str) -> str:
+    """The previous table with the rows measured now in place of theirs (by name); the others marked as
+    carried over, measured rows it did not have at its end."""
+    if block is not None and block.startswith("(carried over"):
+        since = block[1:block.index(")")]  # the section was carried already: its rows are that old
+    fresh = {r.name: r for r in results}
+    lines = list(HEADER)
+    for line in (block or "").splitlines():
+        if not line.startswith("| ") or line in HEADER:
+            continue
+        name = line[2:].split(" | ", 1)[0]
+        if name in fresh:
+            lines.append(row(fresh.pop(name)))
+        else:
+            lines.append(line if "carried over" in line else line[:-2].rstrip() + f" ({since}) |")
+    return "\n".join([*lines, *map(row, fresh.values())])
 
 
 def _sections_text(old: str, sections: list[Section], engine_restarted: bool) -> list[str]:
@@ -48,19 +77,22 @@ def _sections_text(old: str, sections: list[Section], engine_restarted: bool) ->
     since = f"carried over from the run of {when.group(1) if when else 'an earlier date'}"
     measured = {s.title: s for s in sections}
     texts = []
-    for title in (SPEED, HEALING):
+    for title in TITLES:
         section = measured.get(title)
         if section is None:
-            block = re.search(rf"## {re.escape(title)}\n\n(.*?)(?=\n## |\n{re.escape(NOTES_MARKER)}|\Z)", old, re.DOTALL)
-            if block:
-                text = block.group(1).strip()
+            text = _old_block(old, title)
+            if text:
                 texts.append(f"## {title}\n\n" + (text if text.startswith("(carried over") else f"({since})\n\n{text}"))
+            continue
+        if section.partial:
+            texts.append(f"## {title}\n\n{_merged(section.results, _old_block(old, title), since)}")
             continue
         carried = []
         if title == HEALING and not engine_restarted:
-            for row in old.splitlines():
-                if row.startswith("| (e)"):
-                    carried.append(row if "carried over" in row else row[:-2] + f" ({since} with --engine-restart) |")
+            for line in old.splitlines():
+                if line.startswith("| (e)"):
+                    carried.append(line if "carried over" in line
+                                   else line[:-2] + f" ({since} with --engine-restart) |")
         texts.append(f"## {title}\n\n{table(section.results, carried)}")
     return texts
 

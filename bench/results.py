@@ -36,6 +36,7 @@ class Result:
 class Section:
     title: str
     results: list[Result] = field(default_factory=list)
+    partial: bool = False  # only some of its rows measured: the others are carried over from the last table
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,7 +1,10 @@
-"""mlserve benchmarks: speed (issue 2) and self-healing under load and faults (issue 3).
+"""mlserve benchmarks: speed (issue 2), self-healing under load and faults (issue 3) and routing without
+reloads (issue 8).
 
 Run with `make bench` (or `python3 bench/run.py`); add `--engine-restart` to also restart the
-Docker engine (it disturbs every container on the machine, so it is off by default). Everything
+Docker engine (it disturbs every container on the machine, so it is off by default). `--only SECTION`
+(repeatable) runs some sections only: speed, healing, routing, or efficiency (the gateway efficiency
+rows of the speed section alone; the section's other rows are carried over). Everything
 goes to loopback, bounded in time. Prints the tables and writes bench/RESULTS.md with the machine
 it ran on. Ratios are measured in one run, interleaved, because these machines are shared and noisy.
 
@@ -23,10 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import docker
+import routing
 from faults import self_healing
-from report import HEALING, SPEED, machine, write_report
+from report import HEALING, ROUTING, SPEED, machine, write_report
 from results import Section
-from speed import WRK_CONNECTIONS, WRK_ROUNDS, WRK_SECONDS, speed
+from speed import WRK_CONNECTIONS, WRK_ROUNDS, WRK_SECONDS, efficiency, speed
 
 from mlserve.constants import LABEL_HOME
 
@@ -43,8 +47,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-restart", action="store_true",
                         help="also restart the Docker engine (disturbs every container on this machine)")
-    parser.add_argument("--only", choices=["speed", "healing"], help="run one section only")
+    parser.add_argument("--only", action="append", choices=["speed", "healing", "routing", "efficiency"],
+                        help="run this section only; repeat for several (efficiency: the gateway efficiency "
+                             "rows of the speed section)")
     args = parser.parse_args()
+    only = set(args.only or ["speed", "healing", "routing"])
 
     client = docker.from_env()
     work = Path(tempfile.mkdtemp(prefix="mlbench"))
@@ -54,18 +61,31 @@ def main() -> int:
     machine_line = machine()
     sections: list[Section] = []
     try:
-        if args.only in (None, "speed"):
+        if "speed" in only:
             sections.append(Section(SPEED, speed(client, work)))
-        if args.only in (None, "healing"):
+        elif "efficiency" in only:
+            sections.append(Section(SPEED, efficiency(client, work), partial=True))
+        if "healing" in only:
             sections.append(Section(HEALING, self_healing(client, work, args.engine_restart)))
+        if "routing" in only:
+            sections.append(Section(ROUTING, routing.routing(client, work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
+    loads = []
+    if only & {"speed", "efficiency"}:
+        loads.append(f"wrk -t2 -c{WRK_CONNECTIONS} -d{WRK_SECONDS}s (x{WRK_ROUNDS}, interleaved) for throughput")
+    if "healing" in only:
+        loads.append("4 Python threads of sequential GETs for the fault scenarios")
+    if "routing" in only:
+        loads.append(f"for routing, each client alone through each change: wrk -t2 -c{routing.WRK_CONNECTIONS} "
+                     f"-d{routing.WRK_SECONDS}s (keep-alive, no retries) and {routing.SESSION_THREADS} threads of a "
+                     f"requests.Session with max_retries=0, then batches of {routing.FRESH_CONNECTIONS} GETs on fresh "
+                     f"connections after each `scale`")
     context = (
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', started)} on {machine_line}.\n\n"
-        f"Load: wrk -t2 -c{WRK_CONNECTIONS} -d{WRK_SECONDS}s (x{WRK_ROUNDS}, interleaved) for throughput; "
-        f"4 Python threads of sequential GETs for the fault scenarios; loopback only, every load bounded in time. "
-        f"Command: `python3 bench/run.py{' --engine-restart' if args.engine_restart else ''}`.\n\n"
+        f"Load: {'; '.join(loads)}; loopback only, every load bounded in time. "
+        f"Command: `{' '.join(['python3 bench/run.py', *sys.argv[1:]])}`.\n\n"
         f"The machine was shared: load average {load_before[0]:.1f} at the start and {load_after[0]:.1f} at the end, "
         f"{others} other containers running when it began."
     )

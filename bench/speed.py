@@ -29,6 +29,7 @@ APPS = Path(__file__).resolve().parent / "apps"
 WRK_SECONDS = int(os.environ.get("BENCH_WRK_SECONDS", "8"))
 WRK_ROUNDS = int(os.environ.get("BENCH_WRK_ROUNDS", "3"))
 WRK_CONNECTIONS = 16
+EFFICIENCY_TARGET = 0.85  # issue 8 (issue 2 asked for 0.70)
 
 
 def wrk(url: str) -> tuple[float, str]:
@@ -80,8 +81,8 @@ def gateway_efficiency(project_endpoint: str, app_dir: Path) -> list[Result]:
                + (f"; wrk socket errors: {errors}" if errors else "")),
         Result("direct uwsgi --http-socket req/s (2 processes, host)", statistics.median(direct), "req/s", "-", None,
                f"median of {WRK_ROUNDS}: " + ", ".join(f"{d:.0f}" for d in direct)),
-        Result("gateway efficiency (ratio of the medians)", ratio, "", ">= 0.70", ratio >= 0.70,
-               f"per round: {rounds}"),
+        Result("gateway efficiency (ratio of the medians)", ratio, "", f">= {EFFICIENCY_TARGET}",
+               ratio >= EFFICIENCY_TARGET, f"per round: {rounds}"),
     ]
 
 
@@ -175,6 +176,22 @@ def large_upload(client: docker.DockerClient, ms: Mlserve, work: Path) -> Result
     growth = max((proc_kb(pid, "VmHWM") - before[pid]) / 1024 for pid in pids)
     return Result("90 MB upload: largest peak-RSS growth of any process", growth, "MB", "<= 30", growth <= 30,
                   f"{len(pids)} processes: nginx master + workers, uwsgi master + workers")
+
+
+def efficiency(client: docker.DockerClient, work: Path) -> list[Result]:
+    """Only the gateway efficiency rows of the speed section (`run.py --only efficiency`)."""
+    results: list[Result] = []
+    with sandbox() as ms:
+        try:
+            hello = work / "efficiency" / "hello"  # the folder names the project: hello, as in the speed section
+            shutil.copytree(APPS / "hello", hello)
+            deployed = ms.json("run", "--mode", "serve", cwd=hello, timeout=900)
+            results += gateway_efficiency(deployed["project_endpoint"], hello)
+        except (BenchError, CommandError, subprocess.SubprocessError, OSError, ValueError,
+                docker.errors.DockerException) as exc:
+            results.append(Result("gateway efficiency (did not complete)", None, "", "-", False, one_line(exc)))
+            traceback.print_exc()
+    return results
 
 
 def speed(client: docker.DockerClient, work: Path) -> list[Result]:

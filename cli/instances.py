@@ -29,7 +29,8 @@ from .state import Job
 BASE62 = string.digits + string.ascii_letters
 START_TIMEOUT_S = int(os.environ.get("MLSERVE_START_TIMEOUT", "120"))
 LOG_TAIL = 20
-PARALLELISM = 8  # instances started or stopped at once
+START_PARALLELISM = 8  # instances started at once (starting is CPU-bound on a small machine)
+STOP_PARALLELISM = 16  # instances stopped at once (a stop mostly waits for uWSGI to end)
 
 
 def new_endpoint_id() -> str:
@@ -215,7 +216,7 @@ class Instances:
             job.handle = self.platform.runtime(job.runtime).start(self.instance_spec(job))
 
         try:
-            _each_at_once(jobs, start_one, "starting an instance")
+            _each_at_once(jobs, start_one, "starting an instance", START_PARALLELISM)
         finally:
             for job in jobs:
                 if job.handle:
@@ -226,12 +227,12 @@ class Instances:
         def stop_one(job: Job) -> None:
             self.platform.runtime(job.runtime).stop(job.id, job.handle, timeout=timeout)
 
-        _each_at_once(jobs, stop_one, "stopping an instance")
+        _each_at_once(jobs, stop_one, "stopping an instance", STOP_PARALLELISM)
 
 
-def _each_at_once(jobs: list[Job], action: Callable[[Job], None], what: str) -> None:
-    """``action`` on every job in parallel; raises the first error after all were tried."""
-    with ThreadPoolExecutor(max_workers=min(PARALLELISM, len(jobs))) as pool:
+def _each_at_once(jobs: list[Job], action: Callable[[Job], None], what: str, parallelism: int) -> None:
+    """``action`` on every job, ``parallelism`` at a time; raises the first error after all were tried."""
+    with ThreadPoolExecutor(max_workers=min(parallelism, len(jobs))) as pool:
         futures = [pool.submit(action, job) for job in jobs]
     errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
