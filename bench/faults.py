@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import docker
 import requests
@@ -48,9 +49,9 @@ def failed_requests(name: str, load: Load) -> Result:
     return Result(name, len(load.failures), "requests", "0", not load.failures, load.describe())
 
 
-def _deploy(ms: Mlserve, app: Path, replicas: int) -> dict:
+def deploy(ms: Mlserve, app: Path, replicas: int) -> dict[str, Any]:
     """`run` then `scale N`; returns run's JSON once every job is healthy."""
-    out = ms.json("run", "--mode", "serve", cwd=app)
+    out = ms.json("run", "--mode", "serve", cwd=app, timeout=900)
     if replicas > 1:
         ms("scale", str(replicas), cwd=app)
     if seconds_until(lambda: (jobs := ms.jobs()) and len(jobs) == replicas
@@ -60,7 +61,7 @@ def _deploy(ms: Mlserve, app: Path, replicas: int) -> dict:
 
 
 def kill_9_one_of_three(client: docker.DockerClient, ms: Mlserve, app: Path) -> list[Result]:
-    out = _deploy(ms, app, 3)
+    out = deploy(ms, app, 3)
     container = job_container(client, ms.home, out["id"])
     if container is None:
         raise BenchError(f"no container labelled with job {out['id']}")
@@ -79,7 +80,7 @@ def kill_9_one_of_three(client: docker.DockerClient, ms: Mlserve, app: Path) -> 
 
 
 def hanging_health_path(client: docker.DockerClient, ms: Mlserve, app: Path) -> list[Result]:
-    sick = _deploy(ms, app, 2)
+    sick = deploy(ms, app, 2)
     answer = requests.post(sick["endpoint"] + "/sick", timeout=10)
     if answer.json() != {"sick": True}:
         raise BenchError(f"POST /sick answered {answer.status_code} {answer.text[:200]}")
@@ -111,7 +112,7 @@ def hanging_health_path(client: docker.DockerClient, ms: Mlserve, app: Path) -> 
 
 
 def scale_down_and_stop(client: docker.DockerClient, ms: Mlserve, app: Path) -> list[Result]:
-    out = _deploy(ms, app, 3)
+    out = deploy(ms, app, 3)
     with load_on(out["project_endpoint"]) as load:
         time.sleep(1)
         down, _ = ms.timed("scale", "1", cwd=app)
@@ -127,7 +128,7 @@ def scale_down_and_stop(client: docker.DockerClient, ms: Mlserve, app: Path) -> 
 
 
 def twenty_concurrent_commands(client: docker.DockerClient, ms: Mlserve, app: Path) -> list[Result]:
-    _deploy(ms, app, 1)
+    deploy(ms, app, 1)
     commands = [["scale", str(n % 4 + 1)] if n % 3 else ["run", "--mode", "serve"] for n in range(20)]
     started = time.monotonic()
     procs = [ms.start(*args, cwd=app) for args in commands]
@@ -176,7 +177,7 @@ def twenty_concurrent_commands(client: docker.DockerClient, ms: Mlserve, app: Pa
 
 
 def engine_restart(client: docker.DockerClient, ms: Mlserve, app: Path) -> list[Result]:
-    out = _deploy(ms, app, 2)
+    out = deploy(ms, app, 2)
     pid = int(Path("/var/run/docker.pid").read_text())
     stopping = time.monotonic()
     os.kill(pid, signal.SIGTERM)

@@ -16,7 +16,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import threading
 import time
 import traceback
 from collections import Counter
@@ -28,12 +27,13 @@ from urllib.parse import urlsplit
 
 import docker
 import requests
-from requests.adapters import HTTPAdapter
+from faults import deploy
 from results import BenchError, Result, one_line
 from sandbox import sandbox
 
 from tests.harness import (
     REPO,
+    Load,
     Mlserve,
     job_container,
     labelled_containers,
@@ -96,60 +96,6 @@ class Wrk:
         errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sockets.groups()), strict=True)) \
             if sockets else {"connect": 0, "read": 0, "write": 0, "timeout": 0}
         return int(total.group(1)), int(non_2xx.group(1)) if non_2xx else 0, errors
-
-
-class SessionLoad:
-    """GETs from 4 threads, each on its own requests.Session mounted with HTTPAdapter(max_retries=0):
-    keep-alive, and nothing is retried, not even a send on a connection the server closed. Every
-    exception and every answer other than 200 counts. Bounded by ``limit`` seconds."""
-
-    def __init__(self, url: str, threads: int = SESSION_THREADS, limit: float = LOAD_LIMIT_S) -> None:
-        self.url, self.limit = url, limit
-        self.ok = 0
-        self.failures: list[tuple[float, str]] = []
-        self.started = 0.0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
-
-    def _loop(self) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        session.mount("http://", HTTPAdapter(max_retries=0))
-        while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
-            began = time.monotonic()
-            try:
-                answer = session.get(self.url, timeout=REQUEST_TIMEOUT_S)
-                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:120].strip()}"
-            except requests.RequestException as exc:
-                failure = f"{type(exc).__name__}: {str(exc)[:160]}"
-            with self._lock:
-                if failure:
-                    self.failures.append((began - self.started, failure))
-                else:
-                    self.ok += 1
-
-    def __enter__(self) -> Self:
-        self.started = time.monotonic()
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=self.limit)
-
-    def describe(self) -> str:
-        text = f"{self.ok + len(self.failures)} requests, {self.ok} answered 200"
-        if self.failures:
-            kinds = Counter(failure[:70] for _, failure in self.failures)
-            text += "; failures: " + "; ".join(f"{n}x {kind}" for kind, n in kinds.most_common(3))
-            text += f" (at {self.failures[0][0]:.1f}s..{self.failures[-1][0]:.1f}s of the load)"
-        return text
-
-
-# -- the gateway's logs ------------------------------------------------------------------------
 
 
 class GatewayLogs:
@@ -224,17 +170,6 @@ def _copy(app: Path, work: Path) -> Path:
     return target
 
 
-def _deploy(ms: Mlserve, app: Path, replicas: int) -> dict[str, Any]:
-    """`run` then `scale N`; run's JSON once `status` shows every job healthy."""
-    out = ms.json("run", "--mode", "serve", cwd=app, timeout=900)
-    if replicas > 1:
-        ms("scale", str(replicas), cwd=app)
-    if seconds_until(lambda: (jobs := ms.jobs()) and len(jobs) == replicas
-                     and all(j["healthy"] for j in jobs.values()), timeout=60) is None:
-        raise BenchError(f"{replicas} healthy jobs expected, status says: {ms.jobs()}")
-    return out
-
-
 def _project(out: dict[str, Any]) -> str:
     return out["job"].rsplit("/", 1)[0]
 
@@ -269,7 +204,7 @@ def scale_3_5_3(client: docker.DockerClient, ms: Mlserve, out: dict[str, Any], a
 def under_wrk(client: docker.DockerClient, work: Path, label: str, disturb: Disturbance) -> Result:
     app = _copy(HELLO_APP, work)
     with sandbox() as ms:
-        out = _deploy(ms, app, 3)
+        out = deploy(ms, app, 3)
         logs = GatewayLogs(ms)
         with Wrk(out["project_endpoint"]) as wrk:
             started = time.monotonic()
@@ -291,9 +226,9 @@ def under_wrk(client: docker.DockerClient, work: Path, label: str, disturb: Dist
 def under_session(client: docker.DockerClient, work: Path, label: str, disturb: Disturbance) -> Result:
     app = _copy(HELLO_APP, work)
     with sandbox() as ms:
-        out = _deploy(ms, app, 3)
+        out = deploy(ms, app, 3)
         logs = GatewayLogs(ms)
-        with SessionLoad(out["project_endpoint"]) as load:
+        with Load(out["project_endpoint"], threads=SESSION_THREADS, limit=LOAD_LIMIT_S, retries=False) as load:
             what = disturb(client, ms, out, app)
         ok = not load.failures
         note = f"{load.describe()}; {what}; {_log_note(logs, not ok)}"
@@ -344,7 +279,7 @@ def _live_after(url: str, expected: set[str], returned: float) -> tuple[float | 
 def change_is_live(client: docker.DockerClient, work: Path) -> list[Result]:
     app = _copy(NAMING_APP, work)
     with sandbox() as ms:
-        out = _deploy(ms, app, 1)
+        out = deploy(ms, app, 1)
         project = _project(out)
         logs = GatewayLogs(ms)
         samples: list[float | None] = []
@@ -403,7 +338,7 @@ class _CpuBusy:
 def parallel_scaling(client: docker.DockerClient, work: Path) -> list[Result]:
     app = _copy(HELLO_APP, work)
     with sandbox() as ms:
-        out = _deploy(ms, app, 1)
+        out = deploy(ms, app, 1)
         project = _project(out)
         cpu = _CpuBusy()
         up, result = ms.timed("scale", str(SCALE_UP_TO), cwd=app)

@@ -208,8 +208,9 @@ class Load:
     A failure is an answer other than 200, or a socket error or timeout, kept with the seconds into
     the load it began at. Loopback only."""
 
-    def __init__(self, url: str, threads: int = 4, timeout: float = 30, limit: float = 60) -> None:
-        self.url, self.timeout, self.limit = url, timeout, limit
+    def __init__(self, url: str, threads: int = 4, timeout: float = 30, limit: float = 60,
+                 retries: bool = True) -> None:
+        self.url, self.timeout, self.limit, self.retries = url, timeout, limit, retries
         self.ok = 0
         self.failures: list[tuple[float, str]] = []
         self.max_latency = 0.0
@@ -221,10 +222,11 @@ class Load:
     def _loop(self) -> None:
         session = requests.Session()
         session.trust_env = False
-        # As curl and browsers do: a GET on a reused keep-alive connection that the gateway closed
-        # (a reload closes idle ones) is retried on a new one; any HTTP answer counts as it is.
+        # With retries, as curl and browsers do: a GET on a reused keep-alive connection that the gateway
+        # closed (a reload closes idle ones) is retried on a new one; any HTTP answer counts as it is.
+        # Without, nothing is retried, not even that: the strictest client there is.
         retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
-        session.mount("http://", HTTPAdapter(max_retries=retry))
+        session.mount("http://", HTTPAdapter(max_retries=retry if self.retries else 0))
         while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
             began = time.monotonic()
             try:
