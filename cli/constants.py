@@ -14,6 +14,7 @@ DEFAULT_TIMEOUT_S = 60
 DEFAULT_GATEWAY_PORT = 8000
 DEFAULT_GATEWAY_HOST = "127.0.0.1"
 DEFAULT_LOG_FILE_MAX_BYTES = 1 << 30
+KEEP_VERSIONS = 3  # a project's newest versions whose images are kept after their jobs stop (for rollbacks)
 
 # Inside every instance.
 CONTAINER_UID = 65534

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import daemons
 from .config import flag_max_runtime_s, load_config
-from .constants import DEFAULT_WORKERS
+from .constants import DEFAULT_WORKERS, KEEP_VERSIONS
 from .errors import JobNotFoundError, UsageError
 from .instances import Instances
 from .platform import Platform
 from .project import default_project_name, parse_data_mount, validate_project_name
 from .runtimes import BuildRequest, DataMount, Runtime
 from .spec import Artifact, JobSpec
-from .state import Job
+from .state import Job, Version
+from .traffic import Traffic, most_traffic, with_canary
 from .validate import validate_app
 
 OVERSUBSCRIBED_PER_CORE = 8  # uWSGI worker processes per core before `scale` warns
@@ -32,6 +34,9 @@ class RunRequest:
     runtime: str | None = None
     ca_bundle: str | None = None
     max_runtime: str | None = None
+    replace: bool = False  # start as many jobs as the project has healthy ones, then stop the old ones
+    canary: int | None = None  # percent of the project endpoint's traffic for the new version
+    fallback: bool = False  # the version takes traffic only when no primary version can
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,11 @@ class Deployment:
     jobs: list[Job]
     endpoints: dict[str, str]  # job id -> unique endpoint URL
     project_endpoint: str
+    version: int
+    version_endpoint: str
+    traffic: Traffic  # the project's split after the run
     build: dict[str, Any]
+    replaced: list[Job] = field(default_factory=list)
 
 
 class Deployer:
@@ -52,6 +61,9 @@ class Deployer:
     def run(self, request: RunRequest) -> Deployment:
         """Validate, build and start one serving job. Every check runs before the build; on failure
         an MlserveError is raised and nothing is left behind (no job, instance, route or image)."""
+        if request.canary is not None and (request.replace or request.fallback):
+            raise UsageError("--canary cannot be combined with --replace or --fallback",
+                             "A canary is one new primary job beside the serving version; shift the rest with `mlserve traffic`.")
         project_dir = request.project_dir.resolve()
         config = load_config(project_dir)
         name = request.project if request.project is not None else config.project
@@ -66,6 +78,10 @@ class Deployer:
         requirements = config.requirements or "requirements.txt"
         # A project stays on the runtime its jobs run on: a brief engine outage must not move it.
         serving = self.state.jobs(active_only=True, owner=owner, project=project)
+        if request.canary is not None and not self._serving(owner, project, fallback=False):
+            raise UsageError(f"--canary splits {owner}/projects/{project}'s traffic with the version serving it, "
+                             "and no primary job of the project is running",
+                             "Start the project with a plain `mlserve run --mode serve` first.")
         runtime_name = self.platform.choose_runtime(request.runtime or (serving[-1].runtime if serving else None))
         gateway = self.platform.gateway
         if not gateway.is_running():
@@ -85,61 +101,131 @@ class Deployer:
         )
         try:
             with self.state.project_lock(owner, project):
-                jobs = self.instances.create(owner, project, spec, count=1)
+                version, jobs, replaced = self._start_version(owner, project, spec, request)
         except BaseException:
             self._discard_unused(runtime, [built.artifact])  # an image no job runs is a leftover
             raise
-        self._discard_unused(runtime, self._stopped_artifacts(owner, project))
+        self._discard_unused(runtime, self._old_artifacts(owner, project, runtime_name))
         daemons.ensure_running(self.platform.home)
         key = f"{owner}/projects/{project}"
-        return Deployment(jobs, {j.id: self.platform.endpoint(j.id) for j in jobs},
-                          self.platform.project_endpoint(key), built.summary)
+        return Deployment(jobs, {j.id: self.platform.endpoint(j.id) for j in jobs}, self.platform.project_endpoint(key),
+                          version.number, self.platform.version_endpoint(key, version.number),
+                          self.state.traffic(owner, project), built.summary, replaced)
 
-    def _stopped_artifacts(self, owner: str, project: str) -> list[Artifact]:
-        jobs = self.state.jobs(owner=owner, project=project)
-        return list({j.spec.artifact.ref: j.spec.artifact for j in jobs if not j.active}.values())
+    def _start_version(self, owner: str, project: str, spec: JobSpec,
+                       request: RunRequest) -> tuple[Version, list[Job], list[Job]]:
+        """Record the new version and start its jobs (a canary's share set first: a version without a
+        healthy job takes nothing). With --replace, then stop the jobs of the kind it replaces. If
+        its jobs never become healthy, the version and the split are undone and nothing else moved."""
+        with self.state.lock():
+            before = self.state.traffic(owner, project)
+            same_kind = self._serving(owner, project, fallback=request.fallback)
+            version = self.state.add_version(owner, project, spec, request.fallback)
+            try:
+                if request.canary is not None:
+                    active = Counter(j.version for j in self._serving(owner, project, fallback=False))
+                    if not active:
+                        raise UsageError(f"--canary: no primary job of {owner}/projects/{project} is running any more")
+                    self.state.set_traffic(owner, project, with_canary(before, active, version.number, request.canary))
+                count = max(1, sum(1 for j in same_kind if j.healthy)) if request.replace else 1
+                jobs = self.instances.reserve(version, count)
+            except BaseException:
+                self._forget(version, before)
+                raise
+        try:
+            self.instances.launch(jobs)
+        except BaseException:
+            with self.state.lock():
+                self._forget(version, before)
+                self.instances.reroute_after_error()
+            raise
+        if not request.replace:
+            return version, jobs, []
+        with self.state.lock():
+            old = [j for j in self._serving(owner, project, fallback=request.fallback) if j.version != version.number]
+            traffic = self.state.traffic(owner, project)
+            if not request.fallback and traffic.shares is not None:
+                self.state.set_traffic(owner, project, Traffic({version.number: 100}, traffic.sticky))
+            taken = self.instances.begin_stop(old, reason=f"replaced by version {version.number}")
+            if not taken:
+                self.instances.router.apply()
+        return version, jobs, self.instances.finish_stop(taken)
+
+    def _forget(self, version: Version, traffic: Traffic) -> None:
+        """Undo a version that never served, and the split it changed. The caller holds the state lock."""
+        self.state.set_traffic(version.owner, version.project, traffic)
+        self.state.delete_version(version.owner, version.project, version.number)
+
+    def _serving(self, owner: str, project: str, fallback: bool) -> list[Job]:
+        """The project's active jobs (not stopping) of primary versions, or of fallback versions."""
+        kind = {v.number for v in self.state.versions(owner, project) if v.fallback == fallback}
+        return [j for j in self.state.jobs(active_only=True, owner=owner, project=project)
+                if j.state != "stopping" and j.version in kind]
+
+    def _old_artifacts(self, owner: str, project: str, runtime: str) -> list[Artifact]:
+        """The project's artifacts on ``runtime`` that no newer version or active job may need."""
+        candidates = [v.spec.artifact for v in self.state.versions(owner, project) if v.spec.runtime == runtime]
+        candidates += [j.spec.artifact for j in self.state.jobs(owner=owner, project=project)
+                       if not j.active and j.runtime == runtime]
+        return list({a.ref: a for a in candidates}.values())
 
     def _discard_unused(self, runtime: Runtime, artifacts: list[Artifact]) -> None:
         with self.state.lock():  # a run that reserves jobs checks its artifact under the same lock
-            in_use = self.state.artifacts_in_use()
+            in_use = self.state.artifacts_in_use(KEEP_VERSIONS)
             for artifact in artifacts:
                 if artifact.ref not in in_use:
                     runtime.discard(artifact)
 
-    def scale(self, owner: str, project: str, replicas: int | None = None, add: int | None = None) -> list[Job]:
-        """Make the project have ``replicas`` active jobs (or ``add`` more): new ones copy the newest job,
-        and scaling down stops the oldest first. The decision is made under the state lock; starting
-        and draining happen outside it (under the project's lock: one run or scale of a project at a time)."""
+    def scale(self, owner: str, project: str, replicas: int | None = None, add: int | None = None,
+              version: int | None = None) -> list[Job]:
+        """Make the project have ``replicas`` primary jobs (or ``add`` more), or with ``version`` that
+        many jobs of that version. New jobs copy the version that takes the most traffic (or
+        ``version``). Scaling down stops the jobs of the versions with the smallest share first, the
+        oldest first among equals. The decision is made under the state lock; starting and draining
+        happen outside it (under the project's lock: one run or scale of a project at a time)."""
         with self.state.project_lock(owner, project):
-            return self._scale(owner, project, replicas, add)
+            return self._scale(owner, project, replicas, add, version)
 
-    def _scale(self, owner: str, project: str, replicas: int | None, add: int | None) -> list[Job]:
+    def _scale(self, owner: str, project: str, replicas: int | None, add: int | None,
+               version: int | None) -> list[Job]:
         grow: list[Job] = []
         shrink: list[Job] = []
         with self.state.lock():
-            active = [j for j in self.state.jobs(active_only=True, owner=owner, project=project)
-                      if j.state != "stopping"]
-            target = len(active) + add if add is not None else replicas
+            versions = {v.number: v for v in self.state.versions(owner, project)}
+            traffic = self.state.traffic(owner, project)
+            if version is not None:
+                if version not in versions:
+                    raise JobNotFoundError(
+                        f"project {owner}/projects/{project} has no version {version}",
+                        f"Its versions: {', '.join(map(str, versions)) or 'none'} (`mlserve versions {project}`).")
+                group = [j for j in self.state.jobs(active_only=True, owner=owner, project=project)
+                         if j.state != "stopping" and j.version == version]
+                source: Version | None = versions[version]
+            else:
+                group = self._serving(owner, project, fallback=False)
+                top = most_traffic(traffic, Counter(j.version for j in group))
+                source = versions.get(top) if top is not None else None
+            target = len(group) + add if add is not None else replicas
             if target is None or target < 0:
                 raise UsageError("scale needs a count N >= 0, or --add K")
-            if target > len(active):
-                if not active:
+            if target > len(group):
+                if source is None:
+                    fallbacks = self._serving(owner, project, fallback=True)
                     raise JobNotFoundError(
                         f"project {owner}/projects/{project} has no running job to copy",
-                        "Start one first with `mlserve run --mode serve` in the project folder.",
-                    )
-                newest = max(active, key=lambda j: (j.created_at, j.number))
-                grow = self.instances.reserve(owner, project, newest.spec, target - len(active))
-            elif target < len(active):
-                oldest_first = sorted(active, key=lambda j: (j.created_at, j.number))
-                shrink = self.instances.begin_stop(oldest_first[: len(active) - target])
+                        f"Its only jobs are fallbacks: scale them with `--version {fallbacks[0].version}`." if fallbacks
+                        else "Start one first with `mlserve run --mode serve` in the project folder.")
+                grow = self.instances.reserve(source, target - len(group))
+            elif target < len(group):
+                share = traffic.shares or {}
+                order = sorted(group, key=lambda j: (share.get(j.version, 0), j.created_at, j.number))
+                shrink = self.instances.begin_stop(order[: len(group) - target])
         if grow:
             self._warn_if_oversubscribed()
             self.instances.launch(grow)
         self.instances.finish_stop(shrink)
         daemons.ensure_running(self.platform.home)
         return self.state.jobs(active_only=True, owner=owner, project=project)
-
 
     def _warn_if_oversubscribed(self) -> None:
         """Say so before the user finds out under load: worker processes far beyond the cores compete.

@@ -31,6 +31,7 @@ from .errors import GatewayError, GatewayPortInUseError, NginxNotInstalledError
 from .home import Home
 from .host import find_program
 from .render import render
+from .traffic import Traffic, weights
 
 CONFIG_NAME = "nginx.conf"
 ROUTES_NAME = "routes.json"  # the last routing table pushed (what `gateway status` counts)
@@ -75,6 +76,17 @@ class Route:
     project_key: str  # owner/projects/project
     socket: str
     healthy: bool  # healthy and running: it takes traffic
+    version: int = 0
+    fallback: bool = False  # its version takes traffic only when no primary version can
+
+
+@dataclass(frozen=True)
+class ProjectTraffic:
+    """How one project's endpoint splits its traffic (see traffic.py)."""
+
+    key: str  # owner/projects/project
+    traffic: Traffic = Traffic()
+    latest: int = 0  # the newest version number: a higher one is unknown (404), a lower one may return
 
 
 @dataclass(frozen=True)
@@ -177,20 +189,41 @@ class Gateway:
         generation = hashlib.sha256(body.encode() + code).hexdigest()[:16]
         return body.replace("GENERATION", generation), generation
 
-    def routing_table(self, routes: Iterable[Route], projects: Iterable[str]) -> dict[str, Any]:
-        """The table the Lua router serves from: every active job, and each known project's ready jobs.
+    def routing_table(self, routes: Iterable[Route], projects: Iterable[ProjectTraffic]) -> dict[str, Any]:
+        """The table the Lua router serves from: every active job; for each project, the pools of its
+        primary versions that take traffic now (with their weights), its fallback jobs, and each version's
+        ready jobs (the version endpoints).
 
         Raises GatewayError when a name or socket path is not of the shape mlserve makes (defence in
         depth: nothing else may steer the router).
         """
         routes = sorted(routes, key=lambda r: r.name)
-        keys = sorted(set(projects) | {r.project_key for r in routes})
+        known = {p.key: p for p in projects}
+        keys = sorted(set(known) | {r.project_key for r in routes})
         self._check_routes(routes, keys)
-        return {
-            "jobs": {r.job_id: {"name": r.name, "socket": r.socket, "ready": r.healthy} for r in routes},
-            "projects": {key: {"ready": [r.job_id for r in routes if r.project_key == key and r.healthy]}
-                         for key in keys},
+        table: dict[str, Any] = {
+            "jobs": {r.job_id: {"name": r.name, "socket": r.socket, "ready": r.healthy, "version": r.version}
+                     for r in routes},
+            "projects": {},
         }
+        for key in keys:
+            project = known.get(key) or ProjectTraffic(key)
+            mine = [r for r in routes if r.project_key == key]
+            versions: dict[int, list[str]] = {}
+            for route in mine:
+                versions.setdefault(route.version, [])
+                if route.healthy:
+                    versions[route.version].append(route.job_id)
+            primary = {v: len(ids) for v, ids in versions.items() if not any(r.fallback for r in mine if r.version == v)}
+            table["projects"][key] = {
+                "pools": [{"version": v, "weight": w, "ready": versions[v]}
+                          for v, w in weights(project.traffic, primary).items()],
+                "fallback": [r.job_id for r in mine if r.fallback and r.healthy],
+                "versions": {str(v): ids for v, ids in versions.items()},
+                "latest": max([project.latest, *versions]),
+                "sticky": project.traffic.sticky,
+            }
+        return table
 
     def _check_settings(self) -> None:
         _require(PATH_RE, str(self.dir), "gateway directory (MLSERVE_HOME)")
@@ -229,7 +262,7 @@ class Gateway:
     def is_running(self) -> bool:
         return self.pid() is not None
 
-    def apply(self, routes: Iterable[Route], projects: Iterable[str] = ()) -> None:
+    def apply(self, routes: Iterable[Route], projects: Iterable[ProjectTraffic] = ()) -> None:
         """Start nginx, or reload it if its settings changed, then push the routing table.
 
         A routing change alone never reloads: it is live on every worker when this returns. A reload

@@ -17,14 +17,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from .actors import actor_alive, this_actor
-from .constants import DEFAULT_LOG_FILE_MAX_BYTES, DRAIN_GRACE_S, ENDPOINT_ID_LENGTH, MANIFEST_NAME
+from .constants import DEFAULT_LOG_FILE_MAX_BYTES, DRAIN_GRACE_S, ENDPOINT_ID_LENGTH, KEEP_VERSIONS, MANIFEST_NAME
 from .errors import JobStartError, MlserveError
 from .health import wait_healthy
 from .platform import Platform
 from .routing import Router
 from .runtimes import InstanceSpec, UwsgiSettings
-from .spec import JobSpec
-from .state import Job
+from .state import Job, Version
 
 BASE62 = string.digits + string.ascii_letters
 START_TIMEOUT_S = int(os.environ.get("MLSERVE_START_TIMEOUT", "120"))
@@ -47,18 +46,23 @@ class Instances:
 
     # starting -------------------------------------------------------------------------------
 
-    def reserve(self, owner: str, project: str, spec: JobSpec, count: int) -> list[Job]:
-        """Record ``count`` new jobs as starting, owned by this process. The caller holds the state lock."""
+    def reserve(self, version: Version, count: int) -> list[Job]:
+        """Record ``count`` new jobs of ``version`` as starting, owned by this process. The caller holds
+        the state lock."""
+        owner, project, spec = version.owner, version.project, version.spec
         runtime = self.platform.runtime(spec.runtime)
         if not runtime.has(spec.artifact):
-            raise JobStartError(f"{spec.artifact.ref} is gone (a concurrent run of the project cleaned it up)",
-                                "Run the command again.")
+            raise JobStartError(
+                f"version {version.number} of {version.project_key} has no image any more ({spec.artifact.ref})",
+                f"mlserve keeps the images of a project's newest {KEEP_VERSIONS} versions and of every serving job; "
+                "run it again from its folder with `mlserve run --mode serve`.")
         settings = self.platform.gateway.settings
         spec = spec.with_gateway(settings.body_limit_mb, settings.timeout_s)
         actor, jobs = this_actor(), []
         for _ in range(count):
             job = Job(id=new_endpoint_id(), owner=owner, project=project, number=self.state.next_number(owner, project),
-                      state="starting", healthy=False, handle=None, spec=spec, created_at=time.time(), actor=actor)
+                      state="starting", healthy=False, handle=None, spec=spec, created_at=time.time(), actor=actor,
+                      version=version.number)
             self.state.add_job(job)
             jobs.append(job)
         return jobs
@@ -83,11 +87,6 @@ class Instances:
             raise
         return jobs
 
-    def create(self, owner: str, project: str, spec: JobSpec, count: int) -> list[Job]:
-        with self.state.lock():
-            jobs = self.reserve(owner, project, spec, count)
-        return self.launch(jobs)
-
     def instance_spec(self, job: Job) -> InstanceSpec:
         """How to start (or restart) the instance of ``job``; writes its manifest."""
         spec, home = job.spec, self.platform.home
@@ -103,6 +102,8 @@ class Instances:
             "project": job.project_key,
             "endpoint": self.platform.endpoint(job.id),
             "project_endpoint": self.platform.project_endpoint(job.project_key),
+            "version": job.version,
+            "version_endpoint": self.platform.version_endpoint(job.project_key, job.version),
             "data": [{"source": m.source, "mount": m.mount} for m in view.mounts],
             "options": dict(spec.options),
             "workers": spec.workers,
@@ -113,6 +114,7 @@ class Instances:
             "MLSERVE_APP_DIR": view.app_dir,
             "MLSERVE_JOB": job.name,
             "MLSERVE_ENDPOINT_ID": job.id,
+            "MLSERVE_VERSION": str(job.version),
             "OUTPUT_DIR": view.output_dir,
             "LOG_FILE": f"{view.output_dir}/app.log",
             "LOG_FILE_MAX_BYTES": str(DEFAULT_LOG_FILE_MAX_BYTES),
@@ -154,13 +156,18 @@ class Instances:
             with self.state.lock():
                 for job in jobs:
                     self.state.delete_job(job.id)
-                try:
-                    self.router.apply()
-                except MlserveError as exc:  # cleaning up: the error that brought us here is the one to show
-                    self.report(f"Notice: the gateway could not be updated: {exc.message}")
+                self.reroute_after_error()
             for job in jobs:
                 shutil.rmtree(self.platform.home.run_dir(job.id), ignore_errors=True)
                 shutil.rmtree(self.platform.home.output_dir(job.id), ignore_errors=True)
+
+    def reroute_after_error(self) -> None:
+        """Apply the routes while cleaning up after an error: that error is the one to show, so the
+        gateway's own only becomes a notice. The caller holds the state lock."""
+        try:
+            self.router.apply()
+        except MlserveError as exc:
+            self.report(f"Notice: the gateway could not be updated: {exc.message}")
 
     # stopping -------------------------------------------------------------------------------
 

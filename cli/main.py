@@ -22,6 +22,8 @@ from .platform import RUNTIMES, Platform
 from .project import validate_project_name
 from .reconcile import Reconciler
 from .routing import Router
+from .traffic import Traffic
+from .versions import Split, VersionView, set_traffic, split
 from .views import status_views
 
 
@@ -120,11 +122,18 @@ def validate(directory: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--max-runtime", metavar="DURATION", help="Stop the job after this long: 45m, 12h, 7d (default 7d; 0 for never).")
 @click.option("--follow", "-f", is_flag=True, help="Follow the job's logs after it starts.")
+@click.option("--replace", is_flag=True,
+              help="Start as many jobs of the new version as the project has healthy ones, then drain and stop the old ones.")
+@click.option("--canary", type=click.IntRange(0, 100), metavar="PERCENT",
+              help="Start one job of the new version and give it PERCENT of the project endpoint's traffic.")
+@click.option("--fallback", is_flag=True,
+              help="The new version takes traffic only when no primary version has a healthy job.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, workers: int | None,
         runtime: str | None, ca_bundle: str | None, as_json: bool, max_runtime: str | None, follow: bool,
-        command: tuple[str, ...]) -> None:
-    """Validate app.py here, build an image and serve it behind a unique and a project endpoint."""
+        replace: bool, canary: int | None, fallback: bool, command: tuple[str, ...]) -> None:
+    """Validate app.py here, build an image and serve it as a new version of the project, behind a
+    unique endpoint, the project's endpoint and the version's endpoint."""
     if mode != "serve":
         raise UsageError(f"--mode {mode} is not supported", "mlserve serves apps: use `mlserve run --mode serve`.")
     if command:
@@ -133,19 +142,40 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
             "uWSGI runs the global `app` of app.py; remove the command.",
         )
     platform = _revived(quiet=as_json)
-    deployment = Deployer(platform).run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime))
+    deployment = Deployer(platform).run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime,
+                                                   replace, canary, fallback))
     job = deployment.jobs[0]
     if as_json:
         _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],
-                    "project_endpoint": deployment.project_endpoint, "runtime": job.runtime, "build": deployment.build})
+                    "project_endpoint": deployment.project_endpoint, "runtime": job.runtime, "build": deployment.build,
+                    "version": deployment.version, "version_endpoint": deployment.version_endpoint,
+                    "jobs": [{"job": j.name, "id": j.id, "endpoint": deployment.endpoints[j.id]} for j in deployment.jobs],
+                    "replaced": [j.name for j in deployment.replaced]})
     else:
+        for other in deployment.jobs[1:]:
+            click.echo(f"Also started {other.name}: {deployment.endpoints[other.id]}")
         click.echo(f"\nJOB NAME\n{'-' * 38}\n{job.name}\n")
         click.echo(f"URL to service endpoint: {deployment.endpoints[job.id]}")
         click.echo(f"URL to project endpoint: {deployment.project_endpoint}")
+        click.echo(f"URL to version endpoint: {deployment.version_endpoint} (version {deployment.version})")
+        click.echo(_version_traffic(deployment.version, fallback, deployment.traffic))
         click.echo(f"\nTry: curl -F file=@<your file> {deployment.project_endpoint}")
     if follow:
         for line in platform.runtime(job.runtime).logs(job.id, job.handle, follow=True, tail=None):
             click.echo(line)
+
+
+def _version_traffic(version: int, fallback: bool, traffic: Traffic) -> str:
+    """What the new version takes of the project endpoint's traffic, in a sentence."""
+    if fallback:
+        return f"Version {version} is the fallback: it takes traffic only when no primary version has a healthy job."
+    if traffic.shares is None:
+        return f"Version {version} takes equal turns with every healthy job of the project."
+    share = traffic.shares.get(version, 0)
+    if share:
+        return f"Version {version} takes {share}% of the project endpoint's traffic (`mlserve traffic` shows the split)."
+    return (f"Version {version} takes no share of the project endpoint yet: the project splits traffic by version "
+            "(`mlserve traffic --to-latest`, or `--to N=P`).")
 
 
 def _project_or_folder(project: str | None) -> str:
@@ -156,16 +186,78 @@ def _project_or_folder(project: str | None) -> str:
 @click.argument("replicas", type=click.IntRange(0, 64), required=False)
 @click.option("--add", type=click.IntRange(1, 64), help="Add K serving jobs instead of setting the total.")
 @click.option("--project", help="Project to scale (default: this folder's).")
-def scale(replicas: int | None, add: int | None, project: str | None) -> None:
-    """Make the project have REPLICAS serving jobs (the newest job's image and settings are reused)."""
+@click.option("--version", "version", type=click.IntRange(1), metavar="N",
+              help="Scale only version N's jobs (default: the primary jobs; new ones copy the version with the most traffic).")
+def scale(replicas: int | None, add: int | None, project: str | None, version: int | None) -> None:
+    """Make the project have REPLICAS serving jobs. New jobs copy the version that takes the most
+    traffic; scaling down stops jobs of the versions with the smallest share first, oldest first."""
     if (replicas is None) == (add is None):
         raise UsageError("give either REPLICAS or --add K", "e.g. `mlserve scale 3` or `mlserve scale --add 1`.")
     platform = _revived()
     name = _project_or_folder(project)
-    jobs = Deployer(platform).scale(platform.owner, name, replicas=replicas, add=add)
+    jobs = Deployer(platform).scale(platform.owner, name, replicas=replicas, add=add, version=version)
     click.echo(f"{platform.owner}/projects/{name}: {len(jobs)} serving job(s)")
     for job in jobs:
-        click.echo(f"  {job.name}  {platform.endpoint(job.id)}")
+        click.echo(f"  {job.name}  version {job.version}  {platform.endpoint(job.id)}")
+
+
+@cli.command("versions")
+@click.argument("project", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def versions_(project: str | None, as_json: bool) -> None:
+    """List the versions of PROJECT (default: this folder's): when, image, jobs and traffic share."""
+    platform = _revived(quiet=as_json)
+    name = _project_or_folder(project)
+    current = split(platform, platform.owner, name)
+    if as_json:
+        _emit_json([{**v.as_dict(), "created": v.version.created_at, "image": v.version.spec.artifact.ref,
+                     "endpoint": platform.version_endpoint(current.project_key, v.version.number)}
+                    for v in current.versions])
+        return
+    now = time.time()
+    _table([[str(v.version.number), _ago(now - v.version.created_at) + " ago", v.version.spec.artifact.ref,
+             f"{v.healthy}/{v.jobs}", _percent(v), "fallback" if v.version.fallback else "",
+             platform.version_endpoint(current.project_key, v.version.number)] for v in current.versions],
+           ["VERSION", "CREATED", "IMAGE", "HEALTHY/JOBS", "TRAFFIC", "", "ENDPOINT"])
+    _say_split(current)
+
+
+@cli.command("traffic")
+@click.argument("project", required=False)
+@click.option("--to", "to", multiple=True, metavar="N=PERCENT", help="Give version N this percent (repeat; they sum to 100).")
+@click.option("--to-latest", is_flag=True, help="Send all traffic to the newest primary version.")
+@click.option("--by-jobs", is_flag=True, help="Back to equal turns for every healthy job, whatever its version.")
+@click.option("--sticky/--no-sticky", default=None, help="Keep a browser on one version with a cookie (for websites).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def traffic_(project: str | None, to: tuple[str, ...], to_latest: bool, by_jobs: bool, sticky: bool | None,
+             as_json: bool) -> None:
+    """Show or set how PROJECT's endpoint (default: this folder's) splits traffic between versions.
+    Changes are live when the command returns, with no gateway reload."""
+    platform = _revived(quiet=as_json)
+    name = _project_or_folder(project)
+    if to or to_latest or by_jobs or sticky is not None:
+        for note in set_traffic(platform, platform.owner, name, to, to_latest, by_jobs, sticky):
+            click.echo(f"Notice: {note}", err=True)
+    current = split(platform, platform.owner, name)
+    if as_json:
+        _emit_json([v.as_dict() for v in current.serving])
+        return
+    mode = "equal turns per healthy job" if current.traffic.by_jobs else "shares by version"
+    click.echo(f"{current.project_key}: {mode}{', sticky (cookie)' if current.traffic.sticky else ''}")
+    _table([[str(v.version.number), _percent(v), f"{v.healthy}/{v.jobs}", "fallback" if v.version.fallback else ""]
+            for v in current.serving], ["VERSION", "TRAFFIC", "HEALTHY/JOBS", ""])
+    _say_split(current)
+
+
+def _percent(view: VersionView) -> str:
+    """The share a version is set to take, and what it takes now when that differs."""
+    text = "-" if view.version.fallback else f"{view.percent:g}%"
+    return text if view.now == view.percent or (view.version.fallback and not view.now) else f"{text} (now {view.now:g}%)"
+
+
+def _say_split(current: Split) -> None:
+    if current.fallback_serving:
+        click.echo(f"{current.project_key}: no primary version has a healthy job; the fallback is serving.")
 
 
 def _ago(seconds: float | None) -> str:
@@ -189,17 +281,18 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def status(include_stopped: bool, as_json: bool) -> None:
     """List serving jobs with what really runs (alias: ps)."""
-    views, unreachable = status_views(_revived(quiet=as_json), include_stopped)
+    platform = _revived(quiet=as_json)
+    views, unreachable = status_views(platform, include_stopped)
     if as_json:
         _emit_json([v.as_dict() for v in views])
         return
     now = time.time()
     rows = [
-        [v.job.name, _ago(now - v.job.created_at) + " ago", v.status, "healthy" if v.healthy else "-", _ago(v.uptime),
+        [v.job.name, f"{v.job.version}{' (fallback)' if v.fallback else ''}", _ago(now - v.job.created_at) + " ago", v.status, "healthy" if v.healthy else "-", _ago(v.uptime),
          _ago(v.expires_in), str(v.job.restarts), "-" if v.oom_kills is None else str(v.oom_kills), v.endpoint]
         for v in views
     ]
-    _table(rows, ["JOB NAME", "CREATED", "STATUS", "HEALTH", "UPTIME", "TIME LEFT", "RESTARTS", "OOM KILLS",
+    _table(rows, ["JOB NAME", "VERSION", "CREATED", "STATUS", "HEALTH", "UPTIME", "TIME LEFT", "RESTARTS", "OOM KILLS",
                   "ENDPOINT"])
     for view in views:
         if view.job.reason and (view.status == "failed" or (view.job.active and not view.healthy)):
@@ -208,6 +301,8 @@ def status(include_stopped: bool, as_json: bool) -> None:
             click.echo(f"{view.job.name}: out of memory: {view.oom_kills} process(es) killed at its "
                        f"{view.job.spec.limits.memory_bytes >> 20} MiB limit since the instance started "
                        "(`limits: {memory: ...}` in mlserve.yml)")
+    for owner, project in sorted({(v.job.owner, v.job.project) for v in views if v.fallback and v.job.active}):
+        _say_split(split(platform, owner, project))
     for runtime, why in unreachable.items():
         click.echo(f"note: {runtime} instances could not be checked: {why}", err=True)
 

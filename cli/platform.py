@@ -94,3 +94,7 @@ class Platform:
     def project_endpoint(self, project_key: str) -> str:
         """The project's endpoint (``owner/projects/project``), round-robin over its healthy jobs."""
         return f"{self.gateway.url}/serve/{project_key}"
+
+    def version_endpoint(self, project_key: str, version: int) -> str:
+        """One version's own endpoint: round robin over its healthy jobs, whatever its traffic share."""
+        return f"{self.project_endpoint(project_key)}/v/{version}"

@@ -6,7 +6,7 @@ it, so two commands never render the gateway from two different pictures.
 
 from __future__ import annotations
 
-from .gateway import Route
+from .gateway import ProjectTraffic, Route
 from .platform import Platform
 
 STOPPED_BY_USER = "gateway.stopped"  # set by `gateway stop`: nothing brings the gateway back but `gateway start`
@@ -19,12 +19,25 @@ class Router:
 
     def routes(self) -> list[Route]:
         """Active jobs as the gateway routes them: only healthy running ones take traffic."""
+        fallback = {(v.owner, v.project, v.number) for v in self.state.versions() if v.fallback}
         return [
             Route(job.id, job.name, job.project_key, str(self.platform.home.socket(job.id)),
-                  job.healthy and job.state == "running")
+                  job.healthy and job.state == "running", job.version,
+                  (job.owner, job.project, job.version) in fallback)
             for job in self.state.jobs(active_only=True)
             if job.state != "stopping"
         ]
+
+    def projects(self) -> list[ProjectTraffic]:
+        """Every project on record with its traffic split and its newest version."""
+        latest: dict[str, int] = {}
+        for version in self.state.versions():
+            latest[version.project_key] = max(latest.get(version.project_key, 0), version.number)
+        projects = []
+        for key in self.state.projects():
+            owner, _, project = key.split("/", 2)
+            projects.append(ProjectTraffic(key, self.state.traffic(owner, project), latest.get(key, 0)))
+        return projects
 
     @property
     def stopped_by_user(self) -> bool:
@@ -40,7 +53,7 @@ class Router:
         if start:
             self.state.delete_setting(STOPPED_BY_USER)
         if gateway.is_running() or start or (not self.stopped_by_user and self.state.jobs(active_only=True)):
-            gateway.apply(self.routes(), self.state.projects())
+            gateway.apply(self.routes(), self.projects())
 
     def stop_gateway(self) -> bool:
         """Stop nginx and remember that the user wants it stopped; False when it was not running."""

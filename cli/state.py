@@ -22,6 +22,7 @@ from filelock import FileLock
 from .errors import StateError
 from .home import Home
 from .spec import SPEC_VERSION, JobSpec, upgrade_v1
+from .traffic import Traffic
 
 
 def _upgrade_job_specs(db: sqlite3.Connection) -> None:
@@ -32,6 +33,40 @@ def _upgrade_job_specs(db: sqlite3.Connection) -> None:
         if notes:
             reason = "; ".join(filter(None, [reason, "settings upgraded: " + ", ".join(notes)]))
         db.execute("UPDATE jobs SET settings = ?, spec_version = 2, reason = ? WHERE id = ?", (spec, reason, job_id))
+
+
+def _add_versions(db: sqlite3.Connection) -> None:
+    """Schema 3: versions of a project, a version per job, and the project's traffic split. Jobs from
+    before are grouped into versions by their image, oldest first."""
+    db.execute("""
+        CREATE TABLE versions (
+            owner      TEXT NOT NULL,
+            project    TEXT NOT NULL,
+            number     INTEGER NOT NULL,
+            image      TEXT NOT NULL,              -- the artifact ref, for queries; the spec holds it
+            spec       TEXT NOT NULL,              -- JSON: the job spec every job of the version starts from
+            fallback   INTEGER NOT NULL DEFAULT 0, -- takes traffic only when no primary version can
+            created_at REAL NOT NULL,
+            PRIMARY KEY (owner, project, number)
+        )""")
+    db.execute("""
+        CREATE TABLE traffic (
+            owner   TEXT NOT NULL,
+            project TEXT NOT NULL,
+            shares  TEXT,                          -- JSON {version: percent}; NULL: equal turns per job
+            sticky  INTEGER NOT NULL DEFAULT 0,    -- a cookie keeps a browser on one version
+            PRIMARY KEY (owner, project)
+        )""")
+    db.execute("ALTER TABLE jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+    numbers: dict[tuple[str, str, str], int] = {}
+    rows = db.execute("SELECT id, owner, project, image, settings, created_at FROM jobs ORDER BY created_at, number")
+    for job_id, owner, project, image, settings, created_at in rows.fetchall():
+        key = (owner, project, image)
+        if key not in numbers:
+            numbers[key] = 1 + sum(1 for k in numbers if k[:2] == (owner, project))
+            db.execute("INSERT INTO versions (owner, project, number, image, spec, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (owner, project, numbers[key], image, settings, created_at))
+        db.execute("UPDATE jobs SET version = ? WHERE id = ?", (numbers[key], job_id))
 
 
 Migration = str | Callable[[sqlite3.Connection], None]
@@ -73,6 +108,7 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE jobs ADD COLUMN actor TEXT;  -- pid:start-time of the command in a passing state
     """,
     _upgrade_job_specs,
+    _add_versions,
 ]
 
 ACTIVE_STATES = ("starting", "running", "stopping")
@@ -94,6 +130,7 @@ class Job:
     started_at: float | None = None
     stopped_at: float | None = None
     actor: str | None = None
+    version: int = 0
 
     @property
     def runtime(self) -> str:
@@ -110,6 +147,27 @@ class Job:
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+
+@dataclass(frozen=True)
+class Version:
+    """One `run` of a project: its artifact and the spec every job of the version starts from."""
+
+    owner: str
+    project: str
+    number: int
+    spec: JobSpec
+    fallback: bool = False
+    created_at: float = 0.0
+
+    @property
+    def project_key(self) -> str:
+        return f"{self.owner}/projects/{self.project}"
+
+
+def _row_to_version(row: sqlite3.Row) -> Version:
+    return Version(row["owner"], row["project"], row["number"], JobSpec.from_json(row["spec"]), bool(row["fallback"]),
+                   row["created_at"])
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -205,12 +263,12 @@ class StateStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (id, owner, project, number, runtime, image, state, healthy, handle,"
-                " settings, spec_version, reason, restarts, created_at, started_at, stopped_at, actor)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " settings, spec_version, reason, restarts, created_at, started_at, stopped_at, actor, version)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id, job.owner, job.project, job.number, job.spec.runtime, job.spec.artifact.ref, job.state,
                     int(job.healthy), job.handle, job.spec.to_json(), SPEC_VERSION, job.reason,
-                    job.restarts, job.created_at or time.time(), job.started_at, job.stopped_at, job.actor,
+                    job.restarts, job.created_at or time.time(), job.started_at, job.stopped_at, job.actor, job.version,
                 ),
             )
 
@@ -251,16 +309,63 @@ class StateStore:
         rows = self._conn.execute(f"SELECT * FROM jobs {where} ORDER BY created_at, number", params)
         return [_row_to_job(row) for row in rows]
 
-    def artifacts_in_use(self) -> set[str]:
-        """Artifact refs (image tags, snapshots) of active jobs: what must not be discarded."""
+    def artifacts_in_use(self, keep_versions: int = 0) -> set[str]:
+        """Artifact refs that must not be discarded: those of active jobs, and those of each project's
+        newest ``keep_versions`` versions (so that `scale --version N` can bring one back)."""
         placeholders = ", ".join("?" * len(ACTIVE_STATES))
         rows = self._conn.execute(f"SELECT DISTINCT image FROM jobs WHERE state IN ({placeholders})", ACTIVE_STATES)
-        return {row[0] for row in rows}
+        kept = self._conn.execute(
+            "SELECT image FROM (SELECT image, ROW_NUMBER() OVER (PARTITION BY owner, project ORDER BY number DESC) AS"
+            " newest FROM versions) WHERE newest <= ?", (keep_versions,))
+        return {row[0] for row in rows} | {row[0] for row in kept}
 
     def projects(self) -> list[str]:
         """Every project with a job on record (running or not), as owner/projects/project."""
         rows = self._conn.execute("SELECT DISTINCT owner, project FROM jobs ORDER BY owner, project")
         return [f"{owner}/projects/{project}" for owner, project in rows]
+
+    # versions and traffic -------------------------------------------------
+
+    def add_version(self, owner: str, project: str, spec: JobSpec, fallback: bool = False) -> Version:
+        """Record the project's next version. The caller holds the state lock."""
+        with self._tx() as db:
+            row = db.execute("SELECT MAX(number) FROM versions WHERE owner = ? AND project = ?", (owner, project)).fetchone()
+            version = Version(owner, project, (row[0] or 0) + 1, spec, fallback, time.time())
+            db.execute(
+                "INSERT INTO versions (owner, project, number, image, spec, fallback, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (owner, project, version.number, spec.artifact.ref, spec.to_json(), int(fallback), version.created_at),
+            )
+        return version
+
+    def delete_version(self, owner: str, project: str, number: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM versions WHERE owner = ? AND project = ? AND number = ?", (owner, project, number))
+
+    def versions(self, owner: str | None = None, project: str | None = None) -> list[Version]:
+        """Versions oldest first, of one project or of all."""
+        if owner is None or project is None:
+            rows = self._conn.execute("SELECT * FROM versions ORDER BY owner, project, number")
+        else:
+            rows = self._conn.execute("SELECT * FROM versions WHERE owner = ? AND project = ? ORDER BY number",
+                                      (owner, project))
+        return [_row_to_version(row) for row in rows]
+
+    def traffic(self, owner: str, project: str) -> Traffic:
+        row = self._conn.execute("SELECT shares, sticky FROM traffic WHERE owner = ? AND project = ?",
+                                 (owner, project)).fetchone()
+        if row is None:
+            return Traffic()
+        shares = None if row[0] is None else {int(v): int(p) for v, p in json.loads(row[0]).items()}
+        return Traffic(shares, bool(row[1]))
+
+    def set_traffic(self, owner: str, project: str, traffic: Traffic) -> None:
+        shares = None if traffic.shares is None else json.dumps({str(v): p for v, p in sorted(traffic.shares.items())})
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO traffic (owner, project, shares, sticky) VALUES (?, ?, ?, ?) ON CONFLICT (owner, project)"
+                " DO UPDATE SET shares = excluded.shares, sticky = excluded.sticky",
+                (owner, project, shares, int(traffic.sticky)),
+            )
 
     # settings -------------------------------------------------------------
 

@@ -24,17 +24,18 @@ class JobView:
     # Processes of the instance killed for memory since it started (None: not running, or the runtime
     # cannot tell). uWSGI respawns a killed worker, so the job stays healthy: this is how it shows.
     oom_kills: int | None = None
+    fallback: bool = False  # its version takes traffic only when no primary version can
 
     @classmethod
-    def of(cls, job: Job, instance: InstanceState | None, endpoint: str) -> JobView:
+    def of(cls, job: Job, instance: InstanceState | None, endpoint: str, fallback: bool = False) -> JobView:
         if not job.active:
-            return cls(job, job.state, False, None, endpoint)
+            return cls(job, job.state, False, None, endpoint, fallback=fallback)
         oom_kills = instance.oom_kills if instance is not None else None
         if instance is not None and not instance.running:
             # Drift: the record says it runs, the runtime says it does not.
-            return cls(job, instance.status, False, None, endpoint, oom_kills)
+            return cls(job, instance.status, False, None, endpoint, oom_kills, fallback)
         uptime = time.time() - job.started_at if job.started_at else None
-        return cls(job, job.state, job.healthy and job.state == "running", uptime, endpoint, oom_kills)
+        return cls(job, job.state, job.healthy and job.state == "running", uptime, endpoint, oom_kills, fallback)
 
     @property
     def expires_in(self) -> float | None:
@@ -52,6 +53,8 @@ class JobView:
             "owner": job.owner,
             "project": job.project,
             "number": job.number,
+            "version": job.version,
+            "fallback": self.fallback,
             "state": self.status,
             "healthy": self.healthy,
             "runtime": job.runtime,
@@ -66,8 +69,10 @@ class JobView:
         }
 
 
-def job_views(jobs: list[Job], seen: Observation, endpoint: Any) -> list[JobView]:
-    """Each job joined with its instance as observed; a runtime that could not be asked says so."""
+def job_views(jobs: list[Job], seen: Observation, endpoint: Any,
+              fallback: frozenset[tuple[str, str, int]] = frozenset()) -> list[JobView]:
+    """Each job joined with its instance as observed; a runtime that could not be asked says so.
+    ``fallback``: the (owner, project, version) of fallback versions."""
     views = []
     for job in jobs:
         instance = None
@@ -76,7 +81,7 @@ def job_views(jobs: list[Job], seen: Observation, endpoint: Any) -> list[JobView
                 instance = InstanceState(job.id, "", False, "unknown (engine unreachable)")
             else:
                 instance = seen.instances.get(job.id) or InstanceState(job.id, "", False, "gone (no instance)")
-        views.append(JobView.of(job, instance, endpoint(job.id)))
+        views.append(JobView.of(job, instance, endpoint(job.id), (job.owner, job.project, job.version) in fallback))
     return views
 
 
@@ -85,7 +90,8 @@ def status_views(platform: Platform, include_stopped: bool) -> tuple[list[JobVie
     seen = Reconciler(platform).observe()
     jobs = platform.state.jobs(active_only=not include_stopped)
     used = {job.runtime for job in jobs if job.active}
-    return job_views(jobs, seen, platform.endpoint), {k: v for k, v in seen.unreachable.items() if k in used}
+    fallback = frozenset((v.owner, v.project, v.number) for v in platform.state.versions() if v.fallback)
+    return job_views(jobs, seen, platform.endpoint, fallback), {k: v for k, v in seen.unreachable.items() if k in used}
 
 
 def worker_respawns(platform: Platform, job: Job) -> int | None:

@@ -3,10 +3,16 @@
 -- so keep-alive clients never see a closed connection because of it.
 --
 -- The table (JSON):
---   jobs:     { <endpoint id>: { name = "owner/projects/p/3", socket = "/...", ready = true } }
---   projects: { "owner/projects/p": { ready = { <endpoint id>, ... } } }
+--   jobs:     { <endpoint id>: { name = "owner/projects/p/3", socket = "/...", ready = true, version = 2 } }
+--   projects: { "owner/projects/p": {
+--       pools    = { { version = 2, weight = 90, ready = { <id>, ... } }, ... },  -- primaries taking traffic now
+--       fallback = { <id>, ... },           -- ready jobs of fallback versions
+--       versions = { ["2"] = { <id>, ... } }, -- ready jobs of each version with an active job
+--       latest   = 4,                       -- the newest version number
+--       sticky   = false } }                -- a cookie keeps a browser on one version
 -- Every worker reads the shared copy when its version changes, so a push is live on all workers
--- for their next request.
+-- for their next request. The project endpoint picks a pool by smooth weighted round robin (exact
+-- shares, per worker), then an instance of it by round robin.
 
 local cjson = require "cjson.safe"
 local balancer = require "ngx.balancer"
@@ -28,6 +34,9 @@ local M = {}
 local cached_version = nil
 local routes = { jobs = {}, projects = {} }
 local turns = {} -- round-robin position per pool, per worker
+local credits = {} -- smooth weighted round robin state per project, per worker
+local STICKY_COOKIE = "mlserve_version"
+local MAX_TRIES = 3 -- instances of the chosen pool tried when they cannot be reached, then as many fallbacks
 
 -- A peer that cannot exist: connecting to it fails at once and ends the tries with a 502.
 local NO_REPLAY = "unix:/nonexistent/mlserve-never-resend-a-sent-request.sock"
@@ -54,6 +63,7 @@ local function current()
         local decoded = cjson.decode(shared:get("routes") or "")
         if type(decoded) == "table" then
             routes = decoded
+            credits = {}
         end
         cached_version = version
     end
@@ -95,23 +105,85 @@ function M.control()
     ngx.say(cjson.encode({ version = version }))
 end
 
+-- The pool of a project endpoint's request: nginx's smooth weighted round robin over the pools.
+local function pick(key, pools)
+    if #pools == 1 then
+        return pools[1]
+    end
+    local credit = credits[key]
+    if not credit or #credit ~= #pools then
+        credit = {}
+        for i = 1, #pools do
+            credit[i] = 0
+        end
+        credits[key] = credit
+    end
+    local total, best = 0, 1
+    for i, pool in ipairs(pools) do
+        credit[i] = credit[i] + pool.weight
+        total = total + pool.weight
+        if credit[i] > credit[best] then
+            best = i
+        end
+    end
+    credit[best] = credit[best] - total
+    return pools[best]
+end
+
+-- A sticky project keeps a browser on the version its cookie names while that version takes traffic.
+local function sticky_pool(key, entry)
+    local wanted = ngx.var.cookie_mlserve_version
+    if wanted then
+        for _, pool in ipairs(entry.pools) do
+            if tostring(pool.version) == wanted then
+                return pool
+            end
+        end
+    end
+    local pool = pick(key, entry.pools)
+    ngx.var.mlserve_cookie = STICKY_COOKIE .. "=" .. pool.version .. "; Path=/serve/" .. key .. "; HttpOnly; SameSite=Lax"
+    return pool
+end
+
 -- Access phase: find the endpoint (whole path segments only), set SCRIPT_NAME and PATH_INFO, and
 -- choose the pool of instances the balancer picks from; unknown and unavailable endpoints get JSON.
 function M.route()
     local t = current()
     local uri = ngx.var.uri
     local owner, project, rest = uri:match("^/serve/([a-z0-9][a-z0-9_%-]*)/projects/([a-z0-9][a-z0-9_%-]*)(.*)$")
-    local prefix, pool, key
+    local prefix, pool, key, spare
     if owner and (rest == "" or rest:sub(1, 1) == "/") then
         key = owner .. "/projects/" .. project
         local entry = t.projects[key]
         if not entry then
             return answer(404, { error = "no such endpoint" })
         end
-        if #entry.ready == 0 then
+        local number, after = rest:match("^/v/([1-9][0-9]*)(.*)$")
+        if number and (after == "" or after:sub(1, 1) == "/") then
+            -- A version's own endpoint: its healthy jobs, whatever its share.
+            pool = entry.versions[number]
+            if not pool then
+                if tonumber(number) > (entry.latest or 0) then
+                    return answer(404, { error = "no such version", project = key })
+                end
+                return answer(503, { error = "version has no serving job", project = key, version = tonumber(number),
+                                     detail = "start one with `mlserve scale 1 --version " .. number .. "`" }, "5")
+            end
+            if #pool == 0 then
+                return answer(503, { error = "version has no healthy job", project = key,
+                                     version = tonumber(number) }, "5")
+            end
+            prefix, key, rest = "/serve/" .. key .. "/v/" .. number, key .. "/v/" .. number, after
+        elseif #entry.pools > 0 then
+            local chosen = entry.sticky and sticky_pool(key, entry) or pick(key, entry.pools)
+            prefix, pool, spare = "/serve/" .. key, chosen.ready, entry.fallback
+            key = key .. "/v/" .. chosen.version
+        elseif #entry.fallback > 0 then
+            prefix, pool = "/serve/" .. key, entry.fallback
+            key = key .. "/fallback"
+        else
             return answer(503, { error = "no healthy serving job", project = key }, "5")
         end
-        prefix, pool = "/serve/" .. key, entry.ready
     else
         local id
         id, rest = uri:match("^/serve/([A-Za-z0-9]+)(.*)$")
@@ -128,17 +200,18 @@ function M.route()
     ngx.var.mlserve_script_name = prefix
     ngx.var.mlserve_path_info = (rest ~= "" and rest) or "/"
     local ctx = ngx.ctx
-    ctx.routes, ctx.pool, ctx.key = t, pool, key
+    ctx.routes, ctx.pool, ctx.key, ctx.spare = t, pool, key, spare
 end
 
 -- Balancer phase: round robin over the pool. A try that failed before it connected moves on to the
--- next instance. A request that reached an instance is sent again only when that whole instance
--- died with it (killed, restarted: its socket refuses connections now), and only if nginx retries it
--- at all (idempotent methods). If the instance lives on, the request itself broke its worker (out of
--- memory, a crash): it is never sent to another one, so one bad request cannot take them all down.
+-- next instance, and past the pool's to the project's fallback instances. A request that reached an
+-- instance is sent again only when that whole instance died with it (killed, restarted: its socket
+-- refuses connections now), and only if nginx retries it at all (idempotent methods). If the instance
+-- lives on, the request itself broke its worker (out of memory, a crash): it is never sent to another
+-- one, so one bad request cannot take them all down.
 function M.balance()
     local ctx = ngx.ctx
-    local pool = ctx.pool
+    local pool, spare = ctx.pool, ctx.spare
     if balancer.get_last_failure() then
         -- $upstream_connect_time has one entry per try, the current (empty) one last.
         local last = (ngx.var.upstream_connect_time or ""):match("([^,:%s]+)[,:%s]*$")
@@ -147,16 +220,27 @@ function M.balance()
             return balancer.set_current_peer(NO_REPLAY)
         end
     else
-        if #pool > 1 then
-            balancer.set_more_tries(#pool - 1)
+        ctx.own = math.min(#pool, MAX_TRIES)
+        local more = ctx.own - 1 + (spare and math.min(#spare, MAX_TRIES) or 0)
+        if more > 0 then
+            balancer.set_more_tries(more)
         end
         local turn = (turns[ctx.key] or 0) + 1
         turns[ctx.key] = turn
-        ctx.turn = turn
+        ctx.turn, ctx.tries = turn, 0
     end
-    local id = pool[ctx.turn % #pool + 1]
-    ctx.turn = ctx.turn + 1
-    ctx.socket = ctx.routes.jobs[id].socket
+    local id
+    if ctx.tries < ctx.own then
+        id = pool[(ctx.turn + ctx.tries) % #pool + 1]
+    else
+        local turn = (turns.fallback or 0) + 1
+        turns.fallback = turn
+        id = spare[turn % #spare + 1]
+    end
+    ctx.tries = ctx.tries + 1
+    local job = ctx.routes.jobs[id]
+    ctx.socket = job.socket
+    ngx.var.mlserve_version = job.version
     local ok, err = balancer.set_current_peer("unix:" .. ctx.socket)
     if not ok then
         ngx.log(ngx.ERR, "mlserve: cannot route to ", id, ": ", err)

@@ -20,14 +20,16 @@ import pytest
 
 import mlserve.gateway as gateway_module
 from mlserve.errors import GatewayError
-from mlserve.gateway import Gateway, GatewaySettings, Route
+from mlserve.gateway import Gateway, GatewaySettings, ProjectTraffic, Route
 from mlserve.home import Home
+from mlserve.traffic import Traffic
 from tests.harness import free_port
 
 EXPECTED = Path(__file__).parent / "expected"
 HOME = Path("/srv/mlh")
 A, B, C = "A" * 22, "B" * 22, "C" * 22
 SETTINGS = GatewaySettings("127.0.0.1", 8000, 100, 60)
+EMPTY_PROJECT = {"pools": [], "fallback": [], "versions": {}, "latest": 0, "sticky": False}
 ROUTER = "@ROUTER@"  # stands for the router's folder, which is wherever mlserve is installed
 
 
@@ -110,38 +112,70 @@ def test_routing_table_without_jobs():
     assert _gateway().routing_table([], []) == {"jobs": {}, "projects": {}}
 
 
+def _job(job_id, number, ready, version):
+    return {"name": f"alice/projects/hello/{number}", "socket": f"/srv/mlh/run/{job_id}/sock/uwsgi.sock",
+            "ready": ready, "version": version}
+
+
 def test_routing_table_with_two_healthy_jobs_of_one_project():
     routes = [
-        Route(B, "alice/projects/hello/2", "alice/projects/hello", _sock(B), True),
-        Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True),
+        Route(B, "alice/projects/hello/2", "alice/projects/hello", _sock(B), True, 1),
+        Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True, 1),
     ]
-    assert _gateway().routing_table(routes, ["alice/projects/hello"]) == {
-        "jobs": {
-            A: {"name": "alice/projects/hello/1", "socket": f"/srv/mlh/run/{A}/sock/uwsgi.sock", "ready": True},
-            B: {"name": "alice/projects/hello/2", "socket": f"/srv/mlh/run/{B}/sock/uwsgi.sock", "ready": True},
-        },
-        "projects": {"alice/projects/hello": {"ready": [A, B]}},  # in job order: the round robin
+    assert _gateway().routing_table(routes, [ProjectTraffic("alice/projects/hello", latest=1)]) == {
+        "jobs": {A: _job(A, 1, True, 1), B: _job(B, 2, True, 1)},
+        "projects": {"alice/projects/hello": {
+            "pools": [{"version": 1, "weight": 2, "ready": [A, B]}],  # in job order: the round robin
+            "fallback": [], "versions": {"1": [A, B]}, "latest": 1, "sticky": False,
+        }},
     }
 
 
 def test_routing_table_with_a_sick_job_and_a_stopped_project():
     routes = [
-        Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True),
-        Route(C, "alice/projects/hello/2", "alice/projects/hello", _sock(C), False),
+        Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True, 1),
+        Route(C, "alice/projects/hello/2", "alice/projects/hello", _sock(C), False, 2),
     ]
-    assert _gateway().routing_table(routes, ["bob/projects/idle"]) == {
-        "jobs": {
-            A: {"name": "alice/projects/hello/1", "socket": f"/srv/mlh/run/{A}/sock/uwsgi.sock", "ready": True},
-            # Known (its endpoint answers 503), but in no pool.
-            C: {"name": "alice/projects/hello/2", "socket": f"/srv/mlh/run/{C}/sock/uwsgi.sock", "ready": False},
+    assert _gateway().routing_table(routes, [ProjectTraffic("bob/projects/idle", latest=3)]) == {
+        # C is known (its endpoint answers 503), but in no pool.
+        "jobs": {A: _job(A, 1, True, 1), C: _job(C, 2, False, 2)},
+        "projects": {
+            "alice/projects/hello": {"pools": [{"version": 1, "weight": 1, "ready": [A]}], "fallback": [],
+                                     "versions": {"1": [A], "2": []}, "latest": 2, "sticky": False},
+            "bob/projects/idle": {"pools": [], "fallback": [], "versions": {}, "latest": 3, "sticky": False},
         },
-        "projects": {"alice/projects/hello": {"ready": [A]}, "bob/projects/idle": {"ready": []}},
     }
+
+
+def test_equal_turns_per_job_weigh_each_version_by_its_ready_jobs():
+    routes = [
+        Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True, 1),
+        Route(B, "alice/projects/hello/2", "alice/projects/hello", _sock(B), True, 2),
+        Route(C, "alice/projects/hello/3", "alice/projects/hello", _sock(C), True, 2),
+    ]
+    pools = _gateway().routing_table(routes, [ProjectTraffic("alice/projects/hello")])["projects"]["alice/projects/hello"]["pools"]
+    assert pools == [{"version": 1, "weight": 1, "ready": [A]}, {"version": 2, "weight": 2, "ready": [B, C]}]
+
+
+def test_shares_leave_out_versions_without_a_ready_job_and_fallbacks_wait():
+    routes = [
+        Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), True, 1),
+        Route(B, "alice/projects/hello/2", "alice/projects/hello", _sock(B), False, 2),
+        Route(C, "alice/projects/hello/3", "alice/projects/hello", _sock(C), True, 3, fallback=True),
+    ]
+    split = ProjectTraffic("alice/projects/hello", Traffic({1: 90, 2: 10}, sticky=True), latest=3)
+    entry = _gateway().routing_table(routes, [split])["projects"]["alice/projects/hello"]
+    assert entry == {"pools": [{"version": 1, "weight": 90, "ready": [A]}], "fallback": [C],
+                     "versions": {"1": [A], "2": [], "3": [C]}, "latest": 3, "sticky": True}
+    # With no primary ready, the pools are empty: the fallback's turn.
+    routes[0] = Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), False, 1)
+    assert _gateway().routing_table(routes, [split])["projects"]["alice/projects/hello"]["pools"] == []
 
 
 def test_a_route_carries_no_text_from_the_app():
     # Why a job is sick (an app's health answer) stays in the state: nothing of it reaches the router.
-    assert [field.name for field in dataclasses.fields(Route)] == ["job_id", "name", "project_key", "socket", "healthy"]
+    assert [field.name for field in dataclasses.fields(Route)] == ["job_id", "name", "project_key", "socket", "healthy",
+                                                                  "version", "fallback"]
 
 
 @pytest.mark.parametrize("route", [
@@ -165,7 +199,7 @@ def test_routing_table_refuses_what_mlserve_does_not_make(route):
                                      "alice/projects/x/1"])
 def test_routing_table_refuses_a_bad_project_key(project):
     with pytest.raises(GatewayError):
-        _gateway().routing_table([], [project])
+        _gateway().routing_table([], [ProjectTraffic(project)])
 
 
 # -- the settings nginx.conf is made of --------------------------------------------------------
@@ -247,20 +281,20 @@ def test_apply_starts_nginx_instead_of_signalling_pid_zero_when_the_master_died(
             raise ProcessLookupError(pid)
 
     monkeypatch.setattr(os, "kill", kill)
-    gateway.apply([], ["alice/projects/hello"])
+    gateway.apply([], [ProjectTraffic("alice/projects/hello")])
     assert all(pid > 0 for pid, _ in signalled), signalled
     assert ("-c", str(gateway.config)) in fake_nginx.calls  # started instead
-    assert fake_nginx.pushed == [{"jobs": {}, "projects": {"alice/projects/hello": {"ready": []}}}]
+    assert fake_nginx.pushed == [{"jobs": {}, "projects": {"alice/projects/hello": EMPTY_PROJECT}}]
 
 
 def test_apply_reloads_a_running_master_when_its_settings_changed(tmp_path, monkeypatch, fixed_host, fake_nginx):
     gateway = _running_gateway(tmp_path, monkeypatch, [4_000_000])
     signalled = _signals(monkeypatch)
-    gateway.apply([], ["alice/projects/hello"])
+    gateway.apply([], [ProjectTraffic("alice/projects/hello")])
     assert signalled == [(4_000_000, signal.SIGHUP)]
     assert [args[0] for args in fake_nginx.calls] == ["-t"]  # checked, not started a second time
     assert gateway.config.read_text() == gateway.render()[0]
-    assert fake_nginx.pushed == [{"jobs": {}, "projects": {"alice/projects/hello": {"ready": []}}}]
+    assert fake_nginx.pushed == [{"jobs": {}, "projects": {"alice/projects/hello": EMPTY_PROJECT}}]
 
 
 def test_apply_with_the_same_settings_only_pushes_the_routes(tmp_path, monkeypatch, fixed_host, fake_nginx):
@@ -271,8 +305,8 @@ def test_apply_with_the_same_settings_only_pushes_the_routes(tmp_path, monkeypat
     for members in ([A], [A, B], [B], []):
         routes = [Route(job_id, f"alice/projects/hello/{n}", "alice/projects/hello", str(gateway.home.socket(job_id)),
                         True) for n, job_id in enumerate(members, 1)]
-        gateway.apply(routes, ["alice/projects/hello"])
-        tables.append(gateway.routing_table(routes, ["alice/projects/hello"]))
+        gateway.apply(routes, [ProjectTraffic("alice/projects/hello")])
+        tables.append(gateway.routing_table(routes, [ProjectTraffic("alice/projects/hello")]))
     assert signalled == [] and fake_nginx.calls == []  # no check, no start, no reload
     assert fake_nginx.pushed == tables
 

@@ -1,0 +1,99 @@
+"""How a project's endpoint splits its traffic between versions: pure rules, no I/O.
+
+Until the user sets shares, every healthy job of a primary version takes an equal turn (FloydHub's
+round robin). Shares (``traffic --to 3=90 --to 4=10``, ``run --canary 10``) split by version instead.
+Either way a version without a healthy job takes nothing and its share goes to the others; fallback
+versions take traffic only when no primary version has a healthy job.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+SHARE_RE = re.compile(r"([0-9]{1,6})=([0-9]{1,3})")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    shares: Mapping[int, int] | None = None  # version -> percent (they sum to 100); None: equal turns per job
+    sticky: bool = False  # a cookie keeps a browser on the version it first got
+
+    @property
+    def by_jobs(self) -> bool:
+        return self.shares is None
+
+
+def weights(traffic: Traffic, ready: Mapping[int, int]) -> dict[int, int]:
+    """Who takes the project endpoint's traffic now: primary version -> weight, given how many ready
+    jobs each primary version has. Empty when no primary version can take any (the fallback's turn)."""
+    if traffic.shares is None:
+        return {version: count for version, count in sorted(ready.items()) if count > 0}
+    return {version: share for version, share in sorted(traffic.shares.items()) if share > 0 and ready.get(version, 0) > 0}
+
+
+def percents(weights_: Mapping[int, int]) -> dict[int, float]:
+    total = sum(weights_.values())
+    return {version: round(100 * weight / total, 1) for version, weight in weights_.items()} if total else {}
+
+
+def parse_shares(values: Iterable[str], known: Iterable[int]) -> dict[int, int]:
+    """``--to N=P`` values as {version: percent}: known versions, whole percents that sum to 100."""
+    known = set(known)
+    shares: dict[int, int] = {}
+    for value in values:
+        match = SHARE_RE.fullmatch(value.strip())
+        if not match:
+            raise UsageError(f"--to {value!r} is not VERSION=PERCENT", "e.g. `--to 3=90 --to 4=10`.")
+        version, percent = int(match[1]), int(match[2])
+        if version not in known:
+            raise UsageError(f"--to {value}: the project has no version {version}",
+                             f"Its versions: {', '.join(map(str, sorted(known))) or 'none'} (`mlserve versions`).")
+        if version in shares:
+            raise UsageError(f"--to names version {version} twice")
+        if percent > 100:
+            raise UsageError(f"--to {value}: a share is a percent from 0 to 100")
+        shares[version] = percent
+    if sum(shares.values()) != 100:
+        raise UsageError(f"the shares add up to {sum(shares.values())}%, not 100%",
+                         "Give every version that should take traffic its percent, e.g. `--to 3=90 --to 4=10`.")
+    return shares
+
+
+def split(total: int, weights_: Mapping[int, float]) -> dict[int, int]:
+    """``total`` percent in whole numbers, in proportion to ``weights_`` (largest remainders get the rest)."""
+    whole = sum(weights_.values())
+    if not whole:
+        return {}
+    exact = {version: total * weight / whole for version, weight in weights_.items()}
+    shares = {version: int(value) for version, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda v: (exact[v] - shares[v], v), reverse=True)
+    for version in by_remainder[: total - sum(shares.values())]:
+        shares[version] += 1
+    return shares
+
+
+def with_canary(traffic: Traffic, active: Mapping[int, int], new: int, percent: int) -> Traffic:
+    """The split after a canary: ``new`` takes ``percent``; the others keep their proportions of the rest
+    (their shares, or their number of jobs when the project gave equal turns per job)."""
+    if traffic.shares is not None:
+        others: Mapping[int, float] = {v: p for v, p in traffic.shares.items() if p > 0}
+    else:
+        others = {v: n for v, n in active.items() if n > 0}
+    shares = {v: p for v, p in split(100 - percent, others).items() if p > 0}
+    shares[new] = percent
+    return Traffic(shares, traffic.sticky)
+
+
+def most_traffic(traffic: Traffic, active: Mapping[int, int]) -> int | None:
+    """The primary version that takes the most traffic (the newest on a tie): what `scale` copies.
+    ``active``: primary versions with their active jobs."""
+    if traffic.shares is not None:
+        shared = {v: p for v, p in traffic.shares.items() if p > 0 and v in active}
+        if shared:
+            return max(shared, key=lambda v: (shared[v], v))
+    serving = {v: n for v, n in active.items() if n > 0}
+    return max(serving, key=lambda v: (serving[v], v)) if serving else None
