@@ -8,6 +8,7 @@ import sqlite3
 from mlserve.home import Home
 from mlserve.spec import Artifact, JobSpec
 from mlserve.state import MIGRATIONS, Job, StateStore
+from mlserve.traffic import Traffic
 
 
 def _job(job_id: str, number: int, state: str = "running") -> Job:
@@ -88,3 +89,56 @@ def test_the_home_is_private(tmp_path, monkeypatch):
     os.chmod(home.root, 0o755)
     Home.from_env()
     assert stat.S_IMODE(home.root.stat().st_mode) == 0o700
+
+
+def _spec(image: str) -> JobSpec:
+    return JobSpec(runtime="docker", artifact=Artifact(image), project_dir="/p")
+
+
+def test_versions_are_numbered_per_project(tmp_path):
+    store = StateStore(Home(tmp_path))
+    assert [store.add_version("alice", "p", _spec(f"img:{n}")).number for n in range(3)] == [1, 2, 3]
+    assert store.add_version("alice", "q", _spec("img:q"), fallback=True).number == 1
+    store.delete_version("alice", "p", 3)
+    assert [(v.number, v.spec.artifact.ref, v.fallback) for v in store.versions("alice", "p")] == [
+        (1, "img:0", False), (2, "img:1", False)]
+    assert [v.project_key for v in store.versions()] == ["alice/projects/p"] * 2 + ["alice/projects/q"]
+
+
+def test_traffic_round_trip(tmp_path):
+    store = StateStore(Home(tmp_path))
+    assert store.traffic("alice", "p") == Traffic()
+    store.set_traffic("alice", "p", Traffic({12: 90, 3: 10}, sticky=True))
+    assert store.traffic("alice", "p") == Traffic({3: 10, 12: 90}, sticky=True)
+    store.set_traffic("alice", "p", Traffic(None, sticky=True))
+    assert store.traffic("alice", "p") == Traffic(None, sticky=True)
+    assert store.traffic("alice", "other") == Traffic()
+
+
+def test_images_of_the_newest_versions_and_of_active_jobs_are_kept(tmp_path):
+    store = StateStore(Home(tmp_path))
+    for n in range(1, 6):
+        store.add_version("alice", "p", _spec(f"img:{n}"))
+    store.add_job(_job("a" * 22, 1))  # runs img:1
+    assert store.artifacts_in_use(keep_versions=2) == {"img:1", "img:4", "img:5"}
+    assert store.artifacts_in_use() == {"img:1"}
+
+
+def test_jobs_from_before_versions_are_grouped_into_versions_by_image(tmp_path):
+    home = Home(tmp_path)
+    db = sqlite3.connect(str(home.db))
+    for step in MIGRATIONS[:2]:
+        for statement in step.split(";"):  # type: ignore[union-attr]
+            if statement.strip():
+                db.execute(statement)
+    spec = _spec("img:a").to_json()
+    for number, image, created in ((1, "img:a", 1.0), (2, "img:b", 2.0), (3, "img:a", 3.0)):
+        db.execute("INSERT INTO jobs (id, owner, project, number, runtime, image, state, settings, spec_version,"
+                   " created_at) VALUES (?, 'alice', 'p', ?, 'docker', ?, 'running', ?, 2, ?)",
+                   (f"j{number}", number, image, spec, created))
+    db.execute("PRAGMA user_version = 3")  # schema 2 plus its spec upgrade step
+    db.commit()
+    db.close()
+    store = StateStore(home)
+    assert [(j.number, j.version) for j in store.jobs()] == [(1, 1), (2, 2), (3, 1)]
+    assert [v.number for v in store.versions("alice", "p")] == [1, 2]
