@@ -122,11 +122,15 @@ class Deployer:
             same_kind = self._serving(owner, project, fallback=request.fallback)
             version = self.state.add_version(owner, project, spec, request.fallback)
             try:
+                active = Counter(j.version for j in self._serving(owner, project, fallback=False))
                 if request.canary is not None:
-                    active = Counter(j.version for j in self._serving(owner, project, fallback=False))
                     if not active:
                         raise UsageError(f"--canary: no primary job of {owner}/projects/{project} is running any more")
                     self.state.set_traffic(owner, project, with_canary(before, active, version.number, request.canary))
+                elif not request.fallback and before.shares is not None and not any(
+                        active[v] for v, share in before.shares.items() if share):
+                    # The versions the split names are all gone: the new one takes it over.
+                    self.state.set_traffic(owner, project, Traffic({version.number: 100}, before.sticky))
                 count = max(1, sum(1 for j in same_kind if j.healthy)) if request.replace else 1
                 jobs = self.instances.reserve(version, count)
             except BaseException:

@@ -325,6 +325,7 @@ def info(job: str, as_json: bool) -> None:
     data = view.as_dict()
     data.update(
         project_endpoint=platform.project_endpoint(record.project_key),
+        version_endpoint=platform.version_endpoint(record.project_key, record.version),
         workers=spec.workers,
         worker_respawns=worker_respawns(platform, record),
         data=[{"source": m.source, "mount": m.mount} for m in spec.mounts],
@@ -336,7 +337,8 @@ def info(job: str, as_json: bool) -> None:
     if as_json:
         _emit_json(data)
         return
-    for key in ("job", "id", "state", "healthy", "runtime", "image", "workers", "endpoint", "project_endpoint", "restarts"):
+    for key in ("job", "id", "version", "state", "healthy", "runtime", "image", "workers", "endpoint", "project_endpoint",
+                "version_endpoint", "restarts"):
         click.echo(f"{key + ':':18}{data[key]}")
     unknown = "unknown" if view.job.active else "-"
     if view.oom_kills is None:

@@ -2,8 +2,9 @@
 
 Until the user sets shares, every healthy job of a primary version takes an equal turn (FloydHub's
 round robin). Shares (``traffic --to 3=90 --to 4=10``, ``run --canary 10``) split by version instead.
-Either way a version without a healthy job takes nothing and its share goes to the others; fallback
-versions take traffic only when no primary version has a healthy job.
+Either way a version without a healthy job takes nothing and its share goes to the others (and when
+no version with a share has one, the healthy jobs of the others take equal turns); fallback versions
+take traffic only when no primary version has a healthy job.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ class Traffic:
 
 def weights(traffic: Traffic, ready: Mapping[int, int]) -> dict[int, int]:
     """Who takes the project endpoint's traffic now: primary version -> weight, given how many ready
-    jobs each primary version has. Empty when no primary version can take any (the fallback's turn)."""
+    jobs each primary version has. Versions at 0% take traffic only when no version with a share has
+    a ready job. Empty when no primary version has one (the fallback's turn)."""
+    by_jobs = {version: count for version, count in sorted(ready.items()) if count > 0}
     if traffic.shares is None:
-        return {version: count for version, count in sorted(ready.items()) if count > 0}
-    return {version: share for version, share in sorted(traffic.shares.items()) if share > 0 and ready.get(version, 0) > 0}
+        return by_jobs
+    shared = {version: share for version, share in sorted(traffic.shares.items()) if share > 0 and ready.get(version, 0) > 0}
+    # No version with a share can answer: healthy jobs of the others do, before any fallback.
+    return shared or by_jobs
 
 
 def percents(weights_: Mapping[int, int]) -> dict[int, float]:

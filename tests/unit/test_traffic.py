@@ -16,7 +16,8 @@ def test_shares_go_only_to_versions_with_a_ready_job():
     traffic = Traffic({1: 90, 2: 10})
     assert weights(traffic, {1: 1, 2: 3}) == {1: 90, 2: 10}
     assert weights(traffic, {1: 0, 2: 3}) == {2: 10}  # version 1's share goes to the others
-    assert weights(traffic, {3: 5}) == {}  # a version without a share takes nothing: the fallback's turn
+    assert weights(traffic, {2: 0, 3: 5}) == {3: 5}  # no version with a share can answer: the others do
+    assert weights(traffic, {1: 0, 3: 0}) == {}  # no primary at all: the fallback's turn
     assert percents(weights(traffic, {1: 0, 2: 3})) == {2: 100.0}
 
 
