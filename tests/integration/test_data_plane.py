@@ -37,6 +37,13 @@ def crash():
     os._exit(9)
 
 
+@app.get("/steer")
+def steer():
+    # An app trying to make the gateway serve something else, and to claim another version.
+    return "mine", 200, {"X-Accel-Redirect": request.args["to"], "X-Accel-Limit-Rate": "1",
+                         "X-Mlserve-Version": "99"}
+
+
 @app.get("/sleep")
 def sleep():
     time.sleep(float(request.args["s"]))
@@ -144,3 +151,12 @@ def test_a_request_that_breaks_its_worker_is_not_sent_to_the_others(mlserve, app
     # Every instance stays in the rotation: the next requests all succeed.
     assert all(requests.get(out["project_endpoint"], timeout=10).status_code == 200 for _ in range(30))
     assert wait_for(lambda: all(j["healthy"] for j in mlserve.jobs().values()), timeout=10)
+
+
+def test_an_apps_headers_do_not_steer_the_gateway(mlserve, app_dir):
+    out = mlserve.json("run", "--mode", "serve", "--project", "steer", cwd=app_dir)
+    other = mlserve.json("run", "--mode", "serve", "--project", "victim", cwd=app_dir)
+    answer = requests.get(f"{out['endpoint']}/steer", params={"to": f"/serve/{other['id']}/"}, timeout=10)
+    assert answer.status_code == 200 and answer.text == "mine"  # not the other job's answer
+    assert "X-Accel-Redirect" not in answer.headers and "X-Accel-Limit-Rate" not in answer.headers
+    assert answer.headers["X-Mlserve-Version"] == "1"  # the gateway's word, not the app's 99
