@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .constants import HEALTH_VAR, LOAD_GRACE_S, STATS_TIMEOUT_S
+from .text import printable
 
 STATS_MAX_BYTES = 8 << 20  # the instance writes this socket's folder: what answers is read with a bound
 
@@ -78,11 +79,6 @@ def probe(socket_path: str, timeout: float = 3.0, script_name: str = "") -> Prob
     except (IndexError, ValueError):
         return ProbeResult(False, None, f"unexpected answer: {printable(status_line[:80])!r}")
     return ProbeResult(status == 200, status, printable(body[:200].decode("utf-8", "replace")))
-
-
-def printable(text: str) -> str:
-    """Text an app sent, safe to store and show: control characters (terminal escapes, newlines) become '?'."""
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def wait_healthy(socket_path: str, deadline: float, alive: Callable[[], bool] | None = None) -> ProbeResult:

@@ -124,7 +124,8 @@ class Runtime(Protocol):
         """Every instance this runtime knows of under this MLSERVE_HOME, found by its labels (as ``inspect``)."""
 
     def logs(self, job_id: str, handle: str | None, follow: bool, tail: int | None) -> Iterator[str]:
-        """The instance's output lines (after it was stopped: the kept log)."""
+        """The instance's output lines (after it was stopped: the kept log), with control characters shown
+        escaped (text.log_line): an app's log never reaches the terminal as escape sequences."""
 
     def restart(self, spec: InstanceSpec, handle: str | None) -> str:
         """Bring a dead or sick instance back (the same one when it still exists); return its handle."""

@@ -27,6 +27,7 @@ from ..constants import (
 )
 from ..engine import Engine
 from ..home import Home
+from ..text import log_line
 from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
 
 KEPT_LOG_LINES = 1000  # of a stopped container, kept in its run dir for `mlserve logs`
@@ -231,7 +232,7 @@ def oom_kills_of(container_id: str, pid: object = None, root: Path = CGROUP_ROOT
 def _kept_log(path: Path, tail: int | None) -> Iterator[str]:
     if path.exists():
         lines = path.read_text(errors="replace").splitlines()
-        yield from lines[-tail:] if tail else lines
+        yield from map(log_line, lines[-tail:] if tail else lines)
 
 
 def _lines(stream: Iterator[bytes]) -> Iterator[str]:
@@ -240,6 +241,6 @@ def _lines(stream: Iterator[bytes]) -> Iterator[str]:
         pending += chunk
         *complete, pending = pending.split(b"\n")
         for line in complete:
-            yield line.decode("utf-8", "replace")
+            yield log_line(line.decode("utf-8", "replace"))
     if pending:
-        yield pending.decode("utf-8", "replace")
+        yield log_line(pending.decode("utf-8", "replace"))

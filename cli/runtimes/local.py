@@ -19,6 +19,7 @@ from ..constants import INSTANCE_LOG_NAME, UWSGI_INI_NAME
 from ..errors import BuildError
 from ..home import Home
 from ..project import context_files
+from ..text import log_line
 from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
 
 TAIL_LINES = 25
@@ -200,11 +201,11 @@ class LocalRuntime:
         with open(path, errors="replace") as handle_:
             lines = handle_.readlines()
             for line in lines[-tail:] if tail else lines:
-                yield line.rstrip("\n")
+                yield log_line(line.rstrip("\n"))
             while follow:
                 line = handle_.readline()
                 if line:
-                    yield line.rstrip("\n")
+                    yield log_line(line.rstrip("\n"))
                 else:
                     time.sleep(0.2)
 

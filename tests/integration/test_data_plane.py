@@ -22,6 +22,7 @@ import os, time
 from flask import Flask, jsonify, request
 
 app = Flask(__name__)
+print("\\x1b[2J\\x1b]0;pwned\\x07 loaded", flush=True)  # escape sequences, in the instance's log
 SEEN = os.path.join(os.environ.get("OUTPUT_DIR", "/tmp"), "seen.log")
 
 
@@ -160,3 +161,11 @@ def test_an_apps_headers_do_not_steer_the_gateway(mlserve, app_dir):
     assert answer.status_code == 200 and answer.text == "mine"  # not the other job's answer
     assert "X-Accel-Redirect" not in answer.headers and "X-Accel-Limit-Rate" not in answer.headers
     assert answer.headers["X-Mlserve-Version"] == "1"  # the gateway's word, not the app's 99
+
+
+def test_escape_sequences_in_an_apps_log_never_reach_the_terminal(mlserve, app_dir):
+    out = mlserve.json("run", "--mode", "serve", cwd=app_dir)
+    shown = wait_for(lambda: next((line for line in mlserve("logs", out["id"]).stdout.splitlines()
+                                   if "loaded" in line), None), timeout=10)
+    assert shown is not None and "\x1b" not in shown and "\x07" not in shown
+    assert shown.endswith("\\x1b[2J\\x1b]0;pwned\\x07 loaded")  # shown escaped, as text
