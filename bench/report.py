@@ -17,7 +17,8 @@ NOTES_MARKER = "<!-- notes below this line are written by hand and kept when run
 SPEED = "Speed (issue 2)"
 HEALING = "Self-healing under load and faults (issue 3)"
 ROUTING = "Routing without reloads (issue 8)"
-TITLES = (SPEED, HEALING, ROUTING)  # in the order of RESULTS.md
+VERSIONS = "Versions and traffic"
+TITLES = (SPEED, HEALING, ROUTING, VERSIONS)  # in the order of RESULTS.md
 
 
 def machine() -> str:

@@ -1,10 +1,10 @@
-"""mlserve benchmarks: speed (issue 2), self-healing under load and faults (issue 3) and routing without
-reloads (issue 8).
+"""mlserve benchmarks: speed (issue 2), self-healing under load and faults (issue 3), routing without
+reloads (issue 8), and versions and traffic splits (replace, canary, fallback).
 
 Run with `make bench` (or `python3 bench/run.py`); add `--engine-restart` to also restart the
 Docker engine (it disturbs every container on the machine, so it is off by default). `--only SECTION`
-(repeatable) runs some sections only: speed, healing, routing, or efficiency (the gateway efficiency
-rows of the speed section alone; the section's other rows are carried over). Everything
+(repeatable) runs some sections only: speed, healing, routing, versions, or efficiency (the gateway
+efficiency rows of the speed section alone; the section's other rows are carried over). Everything
 goes to loopback, bounded in time. Prints the tables and writes bench/RESULTS.md with the machine
 it ran on. Ratios are measured in one run, interleaved, because these machines are shared and noisy.
 
@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import docker
 import routing
+import versions
 from faults import self_healing
-from report import HEALING, ROUTING, SPEED, machine, write_report
+from report import HEALING, ROUTING, SPEED, VERSIONS, machine, write_report
 from results import Section
 from speed import WRK_CONNECTIONS, WRK_ROUNDS, WRK_SECONDS, efficiency, speed
 
@@ -47,11 +48,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-restart", action="store_true",
                         help="also restart the Docker engine (disturbs every container on this machine)")
-    parser.add_argument("--only", action="append", choices=["speed", "healing", "routing", "efficiency"],
+    parser.add_argument("--only", action="append", choices=["speed", "healing", "routing", "versions", "efficiency"],
                         help="run this section only; repeat for several (efficiency: the gateway efficiency "
                              "rows of the speed section)")
     args = parser.parse_args()
-    only = set(args.only or ["speed", "healing", "routing"])
+    only = set(args.only or ["speed", "healing", "routing", "versions"])
 
     client = docker.from_env()
     work = Path(tempfile.mkdtemp(prefix="mlbench"))
@@ -69,6 +70,8 @@ def main() -> int:
             sections.append(Section(HEALING, self_healing(client, work, args.engine_restart)))
         if "routing" in only:
             sections.append(Section(ROUTING, routing.routing(client, work)))
+        if "versions" in only:
+            sections.append(Section(VERSIONS, versions.versions(client, work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
@@ -82,6 +85,13 @@ def main() -> int:
                      f"-d{routing.WRK_SECONDS}s (keep-alive, no retries) and {routing.SESSION_THREADS} threads of a "
                      f"requests.Session with max_retries=0, then batches of {routing.FRESH_CONNECTIONS} GETs on fresh "
                      f"connections after each `scale`")
+    if "versions" in only:
+        loads.append(f"for versions, each client alone through each change: wrk -t2 -c{routing.WRK_CONNECTIONS} "
+                     f"(keep-alive, no retries; stopped {versions.SETTLE_S} s after the change) and "
+                     f"{versions.SESSION_THREADS} threads of a requests.Session with max_retries=0; "
+                     f"{versions.CANARY_REQUESTS} GETs from {versions.SESSION_THREADS} keep-alive sessions for the "
+                     f"canary share; one GET on keep-alive connections held on every gateway worker plus "
+                     f"{versions.FRESH_CONNECTIONS} on fresh connections after each `traffic`")
     context = (
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', started)} on {machine_line}.\n\n"
         f"Load: {'; '.join(loads)}; loopback only, every load bounded in time. "

@@ -37,6 +37,7 @@ class RunRequest:
     replace: bool = False  # start as many jobs as the project has healthy ones, then stop the old ones
     canary: int | None = None  # percent of the project endpoint's traffic for the new version
     fallback: bool = False  # the version takes traffic only when no primary version can
+    allow_data_outside: bool = False  # mlserve.yml's data may name folders outside the project
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,10 @@ class Deployer:
         owner = self.platform.owner
         report = validate_app(project_dir)
         self.report(f"Validating app.py ... ok (global {report.kind} app)" if report.kind else "Validating app.py ... ok")
-        mounts = [parse_data_mount(spec, Path.cwd()) for spec in request.data]
-        mounts += [parse_data_mount(spec, project_dir) for spec in config.data]
+        state_home = self.platform.home.root
+        mounts = [parse_data_mount(spec, Path.cwd(), state_home) for spec in request.data]
+        mounts += [parse_data_mount(spec, project_dir, state_home, None if request.allow_data_outside else project_dir)
+                   for spec in config.data]
         _check_unique_mounts(mounts)
         max_runtime_s = flag_max_runtime_s(request.max_runtime, config)
         requirements = config.requirements or "requirements.txt"

@@ -128,10 +128,12 @@ def validate(directory: Path) -> None:
               help="Start one job of the new version and give it PERCENT of the project endpoint's traffic.")
 @click.option("--fallback", is_flag=True,
               help="The new version takes traffic only when no primary version has a healthy job.")
+@click.option("--allow-data-outside", is_flag=True,
+              help="Let mlserve.yml's data: mount folders outside the project folder (only for a mlserve.yml you trust).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, workers: int | None,
         runtime: str | None, ca_bundle: str | None, as_json: bool, max_runtime: str | None, follow: bool,
-        replace: bool, canary: int | None, fallback: bool, command: tuple[str, ...]) -> None:
+        replace: bool, canary: int | None, fallback: bool, allow_data_outside: bool, command: tuple[str, ...]) -> None:
     """Validate app.py here, build an image and serve it as a new version of the project, behind a
     unique endpoint, the project's endpoint and the version's endpoint."""
     if mode != "serve":
@@ -143,7 +145,7 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
         )
     platform = _revived(quiet=as_json)
     deployment = Deployer(platform).run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime,
-                                                   replace, canary, fallback))
+                                                   replace, canary, fallback, allow_data_outside))
     job = deployment.jobs[0]
     if as_json:
         _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],

@@ -17,6 +17,10 @@ MOUNT_RE = re.compile(r"^/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 # Places inside an instance that a data mount must not hide.
 RESERVED_MOUNTS = ("/app", "/opt", "/run", "/output", "/tmp", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin",
                    "/lib", "/lib64", "/sbin", "/var", "/root", "/home")
+# Host folders no instance may read: the system's, and the secrets in a user's home.
+SYSTEM_SOURCES = ("/proc", "/sys", "/dev", "/run", "/etc", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32",
+                  "/lib64", "/libx32", "/var/lib/docker", "/var/lib/containerd", "/var/run", "/var/log", "/snap")
+HOME_SECRETS = (".ssh", ".gnupg", ".docker", ".kube", ".aws", ".config", ".netrc", ".mlserve")
 DEFAULT_IGNORES = (".#*", ".git/", ".hg/", ".svn/", "__pycache__/", "*.pyc", ".venv/", "venv/", ".mypy_cache/",
                    ".pytest_cache/", ".ipynb_checkpoints/", ".DS_Store")
 MAX_CONTEXT_BYTES = 1 << 30  # 1 GiB; models belong in --data mounts, not in the image
@@ -65,20 +69,58 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")[:63]
 
 
-def parse_data_mount(spec: str, base: Path) -> DataMount:
-    """``SRC:MOUNT`` -> a read-only mount of folder SRC (relative to ``base``) at /MOUNT in the instance."""
+def parse_data_mount(spec: str, base: Path, state_home: Path, inside: Path | None = None) -> DataMount:
+    """``SRC:MOUNT`` -> a read-only mount of folder SRC (relative to ``base``) at /MOUNT in the instance.
+
+    Refused: the host's root, system folders, a user's home folder or its secrets, and mlserve's own
+    home (``state_home``: sockets and state of every job) or a folder holding it. With ``inside``
+    (mlserve.yml's data, from a possibly cloned repository), SRC must be inside that folder.
+    """
     source, sep, mount = spec.rpartition(":")
     if not sep or not source or not mount:
         raise UsageError(f"--data {spec!r} is not SRC:MOUNT", "e.g. `--data ./models:input` mounts ./models at /input.")
     path = (base / source).expanduser().resolve()
     if not path.exists():
         raise UsageError(f"--data source {source} does not exist ({path})", "Name an existing folder or file.")
+    _check_data_source(path, state_home.resolve(), inside)
     mount = "/" + mount.strip("/")
     if not MOUNT_RE.match(mount) or ".." in mount.split("/"):
         raise UsageError(f"--data mount point {mount!r} is not a plain absolute path", "e.g. `--data ./models:input`.")
     if mount == "/" or any(mount == r or mount.startswith(r + "/") for r in RESERVED_MOUNTS):
         raise UsageError(f"--data cannot mount at {mount}: the instance needs that path", "Pick another, e.g. /input or /data.")
     return DataMount(str(path), mount)
+
+
+def _check_data_source(path: Path, state_home: Path, inside: Path | None) -> None:
+    hint = "Mount the folder that holds the data itself, e.g. `--data ./models:input`."
+    if inside is not None and not path.is_relative_to(inside.resolve()):
+        raise UsageError(
+            f"mlserve.yml's data {path} is outside the project folder {inside}",
+            "A project's mlserve.yml may only mount its own folders (a cloned repository must not read your files); "
+            "to mount this one, confirm it with `--allow-data-outside` or give it as `--data SRC:MOUNT`.")
+    if path == Path("/") or any(_overlaps(path, Path(folder)) for folder in SYSTEM_SOURCES):
+        raise UsageError(f"--data cannot mount {path}: it is or holds a system folder of this host", hint)
+    if _overlaps(path, state_home):
+        raise UsageError(f"--data cannot mount {path}: it is or holds mlserve's home {state_home} (every job's "
+                         "sockets and the state)", hint)
+    for user_home in _user_homes():
+        if user_home.is_relative_to(path) or any(_overlaps(path, user_home / name) for name in HOME_SECRETS):
+            raise UsageError(f"--data cannot mount {path}: it is or holds a user's home folder or the secrets in it",
+                             hint)
+
+
+def _overlaps(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder``, inside it, or holds it."""
+    return path.is_relative_to(folder) or folder.is_relative_to(path)
+
+
+def _user_homes() -> set[Path]:
+    homes = {Path("/root"), Path.home()}
+    try:
+        homes.update(entry for entry in Path("/home").iterdir() if entry.is_dir())
+    except OSError:
+        pass
+    return {home.resolve() for home in homes}
 
 
 # -- the build context -----------------------------------------------------------------------

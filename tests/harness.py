@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,9 +193,14 @@ def routed_jobs(routes: dict[str, Any]) -> set[str]:
     return {job_id for job_id, job in routes["jobs"].items() if job["ready"]}
 
 
+def project_ready(routes: dict[str, Any], key: str) -> list[str]:
+    """The endpoint ids of primary versions that take turns at project ``key``'s endpoint now."""
+    return [job_id for pool in routes["projects"][key]["pools"] for job_id in pool["ready"]]
+
+
 def project_pools(routes: dict[str, Any]) -> set[str]:
     """The endpoint ids that take turns at some project endpoint in a routing table."""
-    return {job_id for project in routes["projects"].values() for job_id in project["ready"]}
+    return {job_id for key in routes["projects"] for job_id in project_ready(routes, key)}
 
 
 def served_jobs(project_endpoint: str, n: int) -> set[str]:
@@ -263,3 +269,100 @@ class Load:
             text += "; failures: " + "; ".join(f"{n}x {kind}" for kind, n in list(kinds.items())[:3])
             text += f" (at {self.failures[0][0]:.1f}s..{self.failures[-1][0]:.1f}s of the load)"
         return text
+
+
+# -- versions and traffic ----------------------------------------------------------------------
+
+VERSION_HEADER = "X-Mlserve-Version"  # the gateway names the version that answered every routed request
+
+
+class VersionLoad(Load):
+    """A Load that also notes which version answered (the gateway's X-Mlserve-Version header, "none"
+    when missing): ``versions`` counts them, ``timeline`` keeps every request in order as (began, ended,
+    version or None, failure or None), in time.monotonic() seconds."""
+
+    def __init__(self, url: str, threads: int = 4, timeout: float = 30, limit: float = 60,
+                 retries: bool = True) -> None:
+        super().__init__(url, threads, timeout, limit, retries)
+        self.versions: Counter[str] = Counter()
+        self.timeline: list[tuple[float, float, str | None, str | None]] = []
+
+    def _loop(self) -> None:
+        session = requests.Session()
+        session.trust_env = False
+        retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
+        session.mount("http://", HTTPAdapter(max_retries=retry if self.retries else 0))
+        while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
+            began = time.monotonic()
+            version = None
+            try:
+                answer = session.get(self.url, timeout=self.timeout)
+                version = answer.headers.get(VERSION_HEADER, "none")
+                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:120].strip()}"
+            except requests.RequestException as exc:
+                failure = f"{type(exc).__name__}: {str(exc)[:160]}"
+            ended = time.monotonic()
+            with self._lock:
+                self.max_latency = max(self.max_latency, ended - began)
+                self.timeline.append((began, ended, version, failure))
+                if failure:
+                    self.failures.append((began - self.started, failure))
+                else:
+                    self.ok += 1
+                    self.versions[version or "none"] += 1
+
+    def describe(self) -> str:
+        return super().describe() + "; answered by version " + (
+            ", ".join(f"{v}: {n}" for v, n in sorted(self.versions.items())) or "none")
+
+
+def answered_versions(url: str, n: int, threads: int = 4, timeout: float = 30) -> tuple[Counter[str], list[str]]:
+    """``n`` GETs on ``url`` from ``threads`` keep-alive sessions that never retry: how many answered
+    200 from each version (X-Mlserve-Version, "none" when missing), and what failed."""
+    counts: Counter[str] = Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def share(count: int) -> None:
+        session = requests.Session()
+        session.trust_env = False
+        session.mount("http://", HTTPAdapter(max_retries=0))
+        for _ in range(count):
+            try:
+                answer = session.get(url, timeout=timeout)
+                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:120].strip()}"
+            except requests.RequestException as exc:
+                failure = f"{type(exc).__name__}: {str(exc)[:160]}"
+            with lock:
+                if failure:
+                    failures.append(failure)
+                else:
+                    counts[answer.headers.get(VERSION_HEADER, "none")] += 1
+
+    workers = [threading.Thread(target=share, args=(n // threads + (i < n % threads),), daemon=True)
+               for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return counts, failures
+
+
+def gateway_workers(home: Path) -> list[int]:
+    """The pids of the gateway's nginx worker processes (the children of its master), for the mlserve at
+    ``home``; empty when the gateway does not run."""
+    try:
+        master = int((home / "gateway" / "nginx.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == master:  # the parent's pid follows the state
+            workers.append(int(entry.name))
+    return sorted(workers)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import labelled_containers, make_mlserve, teardown_mlserve
+from tests.harness import labelled_containers, make_mlserve, project_ready, teardown_mlserve
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,8 @@ def assert_nothing_left(ms, out, client) -> None:
     assert requests.get(out["endpoint"], timeout=10).status_code == 200
     routes = ms.routes()  # only the running job, at its own endpoint and its project's
     assert list(routes["jobs"]) == [out["id"]] and routes["jobs"][out["id"]]["ready"]
-    assert [p["ready"] for p in routes["projects"].values()] == [[out["id"]]]
+    assert [project_ready(routes, key) for key in routes["projects"]] == [[out["id"]]]
+    assert [v["version"] for v in ms.json("versions", "probe")] == [1]
 
 
 def _project(tmp_path: Path, app_py: str | None, requirements: str | None = None) -> Path:
@@ -99,12 +100,22 @@ def test_unknown_requirement_shows_pips_error(running, docker_client, tmp_path):
         (["--project", "ml\u0455erve"], "project name"),  # a Cyrillic look-alike
         (["--mode", "job"], "--mode job is not supported"),
         (["python", "train.py"], "takes no command"),
+        (["--data", "/:input"], "system folder"),
+        (["--data", "/proc:input"], "system folder"),
+        (["--data", "/run:input"], "system folder"),
+        (["--data", "/root:input"], "home folder"),
+        (["--data", "@HOME@:input"], "mlserve's home"),
+        (["--data", "@HOME@/run:input"], "mlserve's home"),
+        (["--canary", "10", "--replace"], "cannot be combined"),
+        (["--canary", "10"], "no primary job"),
     ],
-    ids=["data-missing", "dotdot", "spaces", "lookalike", "mode-job", "command"],
+    ids=["data-missing", "dotdot", "spaces", "lookalike", "mode-job", "command", "data-root", "data-proc", "data-run",
+         "data-root-home", "data-mlserve-home", "data-sockets", "canary-replace", "canary-new-project"],
 )
 def test_bad_run_options(running, docker_client, tmp_path, args, expected):
     ms, out = running
     folder = _project(tmp_path, WSGI)
+    args = [arg.replace("@HOME@", str(ms.home)) for arg in args]
     result = ms("run", "--mode", "serve", *args, cwd=folder, check=False) if args[0] != "--mode" else ms(
         "run", *args, cwd=folder, check=False
     )
@@ -217,3 +228,15 @@ def test_gateway_start_on_a_port_in_use_keeps_the_running_gateway(running, docke
     assert_nothing_left(ms, out, docker_client)
     status = ms.json("gateway", "status")
     assert status["running"] and status["url"] == ms.url
+
+
+def test_a_cloned_mlserve_yml_cannot_mount_folders_outside_the_project(running, docker_client, tmp_path):
+    ms, out = running
+    folder = _project(tmp_path, WSGI)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (folder / "mlserve.yml").write_text(f"data: [{outside}:input]\n")
+    result = ms("run", "--mode", "serve", cwd=folder, check=False)
+    assert result.returncode != 0
+    assert "outside the project folder" in result.stderr and "--allow-data-outside" in result.stderr
+    assert_nothing_left(ms, out, docker_client)

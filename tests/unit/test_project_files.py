@@ -16,6 +16,7 @@ from mlserve.project import (
     default_project_name,
     link_problem,
     linked_folders,
+    parse_data_mount,
     validate_project_name,
 )
 
@@ -189,3 +190,52 @@ def test_the_build_says_a_linked_folder_is_not_in_the_image(project, tmp_path):
     [note] = notes
     assert note == ("Note: models is a symbolic link to a folder; mlserve does not follow those, so its files are "
                     "not in the image (replace the link with the folder, or mount it with --data).")
+
+
+# -- data mounts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/", "system folder"),
+    ("/proc", "system folder"),
+    ("/etc/ssl", "system folder"),
+    ("/var", "system folder"),  # it holds /var/lib/docker
+    ("/run", "system folder"),
+    ("/root", "home folder"),
+])
+def test_data_from_system_folders_and_homes_is_refused(tmp_path, source, message):
+    with pytest.raises(UsageError, match=message):
+        parse_data_mount(f"{source}:input", tmp_path, tmp_path / "mlserve-home")
+
+
+def test_data_from_a_users_secrets_is_refused(tmp_path, monkeypatch):
+    user = tmp_path / "alice"
+    for folder in (".ssh", ".docker/contexts", "work/models"):
+        (user / folder).mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(user))
+    for source in (user, user / ".ssh", user / ".docker" / "contexts", tmp_path):
+        with pytest.raises(UsageError, match="home folder"):
+            parse_data_mount(f"{source}:input", tmp_path, Path("/srv/mlserve-home"))
+    assert parse_data_mount(f"{user}/work/models:input", tmp_path, Path("/srv/mlserve-home")).mount == "/input"
+
+
+def test_data_from_mlserves_home_or_a_folder_holding_it_is_refused(tmp_path):
+    home = tmp_path / "state" / "home"
+    (home / "run").mkdir(parents=True)
+    for source in (home, home / "run", tmp_path / "state"):
+        with pytest.raises(UsageError, match="mlserve's home"):
+            parse_data_mount(f"{source}:input", tmp_path, home)
+
+
+def test_mlserve_yml_data_stays_inside_the_project(tmp_path):
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    (project / "models").mkdir(parents=True)
+    outside.mkdir()
+    (project / "escape").symlink_to(outside)
+    home = tmp_path / "home"
+    assert parse_data_mount("./models:input", project, home, inside=project).source == str(project / "models")
+    for spec in (f"{outside}:input", "../outside:input", "./escape:input"):
+        with pytest.raises(UsageError, match="outside the project folder"):
+            parse_data_mount(spec, project, home, inside=project)
+    # Given on the command line (or confirmed), a folder outside is fine.
+    assert parse_data_mount(f"{outside}:input", project, home).source == str(outside)
