@@ -9,7 +9,7 @@ from functools import cached_property
 
 from .constants import DEFAULT_BODY_LIMIT_MB, DEFAULT_GATEWAY_HOST, DEFAULT_GATEWAY_PORT, DEFAULT_TIMEOUT_S
 from .engine import Engine
-from .errors import EngineUnavailableError, UsageError
+from .errors import UsageError
 from .gateway import Gateway, GatewaySettings
 from .home import Home
 from .project import validate_owner
@@ -58,16 +58,12 @@ class Platform:
         return self._runtimes[name]
 
     def choose_runtime(self, requested: str | None) -> str:
-        """``--runtime``, or Docker when an engine answers and local otherwise (with a one-line notice)."""
-        if requested:
-            self.runtime(requested)  # an engine that does not answer fails now, before anything is built
-            return requested
-        try:
-            self.runtime("docker")
-            return "docker"
-        except EngineUnavailableError as exc:
-            self.report(f"Notice: {exc.message}; serving with --runtime local instead.")
-            return "local"
+        """``--runtime``, else Docker. An engine that does not answer fails now, before anything is built,
+        with advice: serving on the host without a container is the user's explicit choice (`--runtime
+        local`), never a silent fallback."""
+        name = requested or "docker"
+        self.runtime(name)
+        return name
 
     def gateway_settings(self) -> GatewaySettings:
         state = self.state

@@ -142,7 +142,9 @@ class LocalRuntime:
         if not venv:
             raise BuildError(f"{spec.name} has no virtual environment to run in", "Run it again with `mlserve run`.")
         ini = write_uwsgi_ini(spec, socket=str(spec.socket), app_dir=spec.artifact.ref, venv=venv)
-        env = {**os.environ, **spec.env, "PYTHONDONTWRITEBYTECODE": "1"}
+        # A clean environment: what the job spec gives the instance, not the caller's (tokens, keys...).
+        env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(spec.run_dir),
+               **spec.env, "PYTHONDONTWRITEBYTECODE": "1"}
         with open(spec.run_dir / INSTANCE_LOG_NAME, "ab") as log:
             process = subprocess.Popen(
                 [f"{venv}/bin/uwsgi", "--ini", str(ini)],

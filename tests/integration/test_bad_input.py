@@ -133,14 +133,16 @@ def test_job_reference_that_matches_nothing(running, docker_client, tmp_path, co
     assert_nothing_left(ms, out, docker_client)
 
 
-def test_engine_not_reachable(running, docker_client, tmp_path):
+@pytest.mark.parametrize("runtime", [["--runtime", "docker"], []], ids=["docker", "default"])
+def test_engine_not_reachable(running, docker_client, tmp_path, runtime):
+    # Without --runtime too: no silent fallback to running the app on the host.
     ms, out = running
     folder = _project(tmp_path, WSGI)
-    result = ms("run", "--mode", "serve", "--runtime", "docker", cwd=folder, check=False,
+    result = ms("run", "--mode", "serve", *runtime, cwd=folder, check=False,
                 env={"DOCKER_HOST": "unix:///tmp/no-engine-here.sock"})
     assert result.returncode != 0
     assert "DOCKER_HOST=unix:///tmp/no-engine-here.sock" in result.stderr
-    assert "dockerd" in result.stderr
+    assert "dockerd" in result.stderr and "--runtime local" in result.stderr
     assert_nothing_left(ms, out, docker_client)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -113,9 +114,12 @@ def test_stop_by_number_name_and_id_then_project_answers_503(mlserve, probe_proj
 
 
 def test_local_runtime_serves_the_same_app(mlserve, probe_project):
-    out = mlserve.json("run", "--mode", "serve", "--runtime", "local", cwd=probe_project)
+    # The caller's environment (tokens, keys) stays the caller's.
+    out = json.loads(mlserve("run", "--mode", "serve", "--runtime", "local", "--json", cwd=probe_project,
+                             env={"CALLERS_SECRET_TOKEN": "s3cret"}).stdout)
     seen = requests.get(out["endpoint"] + "/x", timeout=10).json()
     assert seen["path_info"] == "/x" and seen["job"] == out["job"]
+    assert "MLSERVE_JOB" in seen["environ"] and "CALLERS_SECRET_TOKEN" not in seen["environ"]
     assert mlserve.json("status")[0]["runtime"] == "local"
     mlserve("stop", out["job"])
     assert requests.get(out["endpoint"], timeout=10).status_code == 404

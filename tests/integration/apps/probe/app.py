@@ -20,6 +20,7 @@ def app(environ, start_response):
         "uid": os.getuid(),
         "manifest": os.environ.get("MANIFEST_FILE"),
         "version": 1,
+        "environ": sorted(os.environ),
     }
     data = json.dumps(payload).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
