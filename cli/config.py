@@ -161,6 +161,18 @@ class ProjectConfig:
     preload: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     requirements: str | None = None
+    network: str = "isolated"
+
+
+# What an instance may reach: the internet but not this host, private ranges, the metadata address or
+# other instances (isolated); nothing at all (none); or everything a default container can (open).
+NETWORKS = ("isolated", "none", "open")
+
+
+def network(value: object) -> str:
+    if value not in NETWORKS:
+        raise ValueProblem(f"one of {', '.join(NETWORKS)}")
+    return str(value)
 
 
 def _text(value: object) -> str:
@@ -230,6 +242,7 @@ TOP_LEVEL: dict[str, Callable[[object], Any]] = {
     "preload": _flag,
     "options": _options,
     "requirements": _text,
+    "network": network,
 }
 
 

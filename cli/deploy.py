@@ -100,7 +100,7 @@ class Deployer:
             runtime=runtime_name, artifact=built.artifact, project_dir=str(project_dir),
             workers=request.workers or config.workers or DEFAULT_WORKERS, preload=config.preload,
             env_vars=config.env_vars, mounts=tuple(mounts), limits=config.limits, health=config.health,
-            options=config.options, max_runtime_s=max_runtime_s,
+            options=config.options, max_runtime_s=max_runtime_s, network=config.network,
         )
         try:
             with self.state.project_lock(owner, project):

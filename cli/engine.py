@@ -89,6 +89,18 @@ class Engine:
         with engine_errors(f"starting a container for {what}"):
             return self.client.containers.run(image, detach=True, **options)
 
+    def ensure_network(self, name: str, options: dict[str, str]) -> None:
+        """A bridge network ``name`` with ``options``, created when missing (another command may create
+        it at the same moment: that is fine)."""
+        with engine_errors(f"setting up the network {name}"):
+            if self.client.networks.list(names=[name]):
+                return
+            try:
+                self.client.networks.create(name, driver="bridge", options=options, check_duplicate=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409 and not self.client.networks.list(names=[name]):
+                    raise
+
     def container(self, container_id: str) -> Container | None:
         with engine_errors(f"looking up container {container_id[:12]}"):
             try:

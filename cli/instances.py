@@ -125,7 +125,7 @@ class Instances:
             env["MLSERVE_HEALTH_METHOD"] = spec.health.method
         uwsgi = UwsgiSettings(spec.workers, spec.timeout_s, spec.body_limit_mb * 1024 * 1024, spec.preload)
         return InstanceSpec(job.id, job.name, job.project_key, spec.artifact, run_dir, output_dir, uwsgi, env,
-                            spec.mounts, spec.limits)
+                            spec.mounts, spec.limits, spec.network)
 
     def _wait_healthy(self, jobs: list[Job]) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

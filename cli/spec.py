@@ -50,6 +50,7 @@ class JobSpec:
     # The gateway's settings when the job started: uWSGI is given the same limit and timeout.
     body_limit_mb: int = DEFAULT_BODY_LIMIT_MB
     timeout_s: int = DEFAULT_TIMEOUT_S
+    network: str = "isolated"  # config.NETWORKS; specs stored before it had none get the isolated default
 
     def with_gateway(self, body_limit_mb: int, timeout_s: int) -> JobSpec:
         return replace(self, body_limit_mb=body_limit_mb, timeout_s=timeout_s)

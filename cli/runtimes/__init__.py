@@ -72,6 +72,7 @@ class InstanceSpec:
     env: dict[str, str] = field(default_factory=dict)
     mounts: tuple[DataMount, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    network: str = "isolated"  # config.NETWORKS
 
     @property
     def socket(self) -> Path:

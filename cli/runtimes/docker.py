@@ -9,6 +9,7 @@ from pathlib import Path
 
 from docker.models.containers import Container
 
+from .. import firewall
 from ..builder import ImageBuilder, find_ca_bundle, resolve_base_image
 from ..constants import (
     CONTAINER_UID,
@@ -49,6 +50,7 @@ class DockerRuntime:
         self.engine = engine
         self.home = home
         self.home_label = str(home.root)
+        self._network_ready = False  # the isolated network and its firewall were made sure of
 
     # building -------------------------------------------------------------------------------
 
@@ -118,13 +120,28 @@ class DockerRuntime:
             nano_cpus=int(limits.cpus * 1e9),
             pids_limit=limits.pids,
             log_config={"type": "json-file", "config": {"max-size": "20m", "max-file": "3"}},
+            **self._network(spec.network),
         )
         return str(container.id)
+
+    def _network(self, policy: str, recheck: bool = False) -> dict[str, str]:
+        """The container options of a network policy (config.NETWORKS); the isolated network and its
+        firewall are made sure of first (once per command, or again with ``recheck``)."""
+        if policy == "none":
+            return {"network_mode": "none"}
+        if policy == "open":
+            return {}
+        if recheck or not self._network_ready:
+            self.engine.ensure_network(firewall.NETWORK_NAME, firewall.NETWORK_OPTIONS)
+            firewall.ensure()
+            self._network_ready = True
+        return {"network": firewall.NETWORK_NAME}
 
     def restart(self, spec: InstanceSpec, handle: str | None) -> str:
         container = self._get(spec.job_id, handle)
         if container is None:
             return self.start(spec)
+        self._network(spec.network, recheck=True)  # a flushed firewall (a reboot) is restored before it runs again
         self.engine.restart(container, timeout=5)
         return str(container.id)
 

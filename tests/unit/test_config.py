@@ -32,6 +32,8 @@ def _config(tmp_path, text: str):
         ("preload: yes please", "preload"),
         ("env_vars: {A: [1]}", "env_vars"),
         ("data: ./data:input", "data"),
+        ("network: wide", "network"),
+        ("network: [open]", "network"),
     ],
 )
 def test_a_wrong_value_names_its_key_and_the_expected_form(tmp_path, text, key):
