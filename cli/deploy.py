@@ -60,8 +60,9 @@ class Deployer:
         self.report = platform.report
 
     def run(self, request: RunRequest) -> Deployment:
-        """Validate, build and start one serving job. Every check runs before the build; on failure
-        an MlserveError is raised and nothing is left behind (no job, instance, route or image)."""
+        """Validate, build and start a new version of the project: one job (with --replace, as many as the
+        project has healthy ones, then the old ones stop). Every check runs before the build; on failure
+        an MlserveError is raised and nothing is left behind (no version, job, instance, route or image)."""
         if request.canary is not None and (request.replace or request.fallback):
             raise UsageError("--canary cannot be combined with --replace or --fallback",
                              "A canary is one new primary job beside the serving version; shift the rest with `mlserve traffic`.")
@@ -170,7 +171,8 @@ class Deployer:
                 if j.state != "stopping" and j.version in kind]
 
     def _old_artifacts(self, owner: str, project: str, runtime: str) -> list[Artifact]:
-        """The project's artifacts on ``runtime`` that no newer version or active job may need."""
+        """The project's artifacts on ``runtime``: what may be discarded once no active job and none of the
+        newest versions needs it (``_discard_unused`` decides)."""
         candidates = [v.spec.artifact for v in self.state.versions(owner, project) if v.spec.runtime == runtime]
         candidates += [j.spec.artifact for j in self.state.jobs(owner=owner, project=project)
                        if not j.active and j.runtime == runtime]
