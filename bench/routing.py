@@ -38,6 +38,7 @@ from tests.harness import (
     job_container,
     labelled_containers,
     project_pools,
+    project_ready,
     seconds_until,
 )
 
@@ -290,7 +291,7 @@ def change_is_live(client: docker.DockerClient, work: Path) -> list[Result]:
             result = ms("scale", str(replicas), cwd=app)
             returned = time.monotonic()
             table = ms.routes()
-            expected = {table["jobs"][i]["name"] for i in table["projects"][project]["ready"]}
+            expected = {table["jobs"][i]["name"] for i in project_ready(table, project)}
             listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
             live, batches, wrong = _live_after(out["project_endpoint"], expected, returned)
             samples.append(live)
@@ -345,7 +346,7 @@ def parallel_scaling(client: docker.DockerClient, work: Path) -> list[Result]:
         up_cpu = cpu.busy()
         notice = next((line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Notice:")), "")
         jobs = ms.jobs()
-        routed = len(ms.routes()["projects"][project]["ready"])
+        routed = len(project_ready(ms.routes(), project))
         answering = sum(requests.get(j["endpoint"], timeout=10).status_code == 200 for j in jobs.values())
         up_ok = up < SCALE_TARGET_S and len(jobs) == routed == answering == SCALE_UP_TO
         up_note = (f"before issue 8: 8.2 s; CPU {up_cpu:.0%} busy meanwhile (all cores); {len(jobs)} jobs, "
@@ -356,7 +357,7 @@ def parallel_scaling(client: docker.DockerClient, work: Path) -> list[Result]:
         down_cpu = cpu.busy()
         left = ms.jobs()
         running = labelled_containers(client, ms.home, stopped=False)
-        routed = len(ms.routes()["projects"][project]["ready"])
+        routed = len(project_ready(ms.routes(), project))
         down_ok = down < SCALE_TARGET_S and len(left) == routed == len(running) == 1
         down_note = (f"before issue 8: 35 s; draining included; CPU {down_cpu:.0%} busy meanwhile; "
                      f"{len(left)} job left, {routed} routed, "

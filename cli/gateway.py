@@ -26,7 +26,7 @@ from typing import Any
 
 from mlserve_runtime.logfile import truncate_if_large
 
-from .constants import ENDPOINT_ID_LENGTH
+from .constants import ENDPOINT_ID_LENGTH, STATS_SOCKET_NAME
 from .errors import GatewayError, GatewayPortInUseError, NginxNotInstalledError
 from .home import Home
 from .host import find_program
@@ -34,6 +34,7 @@ from .render import render
 from .traffic import Traffic, weights
 
 CONFIG_NAME = "nginx.conf"
+STATS_NAME = Path(STATS_SOCKET_NAME).name  # beside each instance's socket: its uWSGI master's alone
 ROUTES_NAME = "routes.json"  # the last routing table pushed (what `gateway status` counts)
 CONTROL_SOCKET = "control.sock"
 LOG_NAMES = ("access.log", "error.log")
@@ -191,8 +192,9 @@ class Gateway:
 
     def routing_table(self, routes: Iterable[Route], projects: Iterable[ProjectTraffic]) -> dict[str, Any]:
         """The table the Lua router serves from: every active job; for each project, the pools of its
-        primary versions that take traffic now (with their weights), its fallback jobs, and each version's
-        ready jobs (the version endpoints).
+        primary versions that take traffic now (with their weights, and the spare instances a request
+        moves on to when its pool's cannot be reached: the other pools', then the fallback's), its
+        fallback jobs, and each version's ready jobs (the version endpoints).
 
         Raises GatewayError when a name or socket path is not of the shape mlserve makes (defence in
         depth: nothing else may steer the router).
@@ -202,8 +204,8 @@ class Gateway:
         keys = sorted(set(known) | {r.project_key for r in routes})
         self._check_routes(routes, keys)
         table: dict[str, Any] = {
-            "jobs": {r.job_id: {"name": r.name, "socket": r.socket, "ready": r.healthy, "version": r.version}
-                     for r in routes},
+            "jobs": {r.job_id: {"name": r.name, "socket": r.socket, "stats": str(Path(r.socket).parent / STATS_NAME),
+                                "ready": r.healthy, "version": r.version} for r in routes},
             "projects": {},
         }
         for key in keys:
@@ -215,10 +217,13 @@ class Gateway:
                 if route.healthy:
                     versions[route.version].append(route.job_id)
             primary = {v: len(ids) for v, ids in versions.items() if not any(r.fallback for r in mine if r.version == v)}
+            fallback = [r.job_id for r in mine if r.fallback and r.healthy]
+            pools = [{"version": v, "weight": w, "ready": versions[v]} for v, w in weights(project.traffic, primary).items()]
+            for pool in pools:  # where a request goes when its pool's instances cannot be reached
+                pool["spare"] = [i for other in pools if other is not pool for i in other["ready"]] + fallback
             table["projects"][key] = {
-                "pools": [{"version": v, "weight": w, "ready": versions[v]}
-                          for v, w in weights(project.traffic, primary).items()],
-                "fallback": [r.job_id for r in mine if r.fallback and r.healthy],
+                "pools": pools,
+                "fallback": fallback,
                 "versions": {str(v): ids for v, ids in versions.items()},
                 "latest": max([project.latest, *versions]),
                 "sticky": project.traffic.sticky,

@@ -3,9 +3,11 @@
 -- so keep-alive clients never see a closed connection because of it.
 --
 -- The table (JSON):
---   jobs:     { <endpoint id>: { name = "owner/projects/p/3", socket = "/...", ready = true, version = 2 } }
+--   jobs:     { <endpoint id>: { name = "owner/projects/p/3", socket = "/.../uwsgi.sock",
+--                                stats = "/.../stats.sock", ready = true, version = 2 } }
 --   projects: { "owner/projects/p": {
---       pools    = { { version = 2, weight = 90, ready = { <id>, ... } }, ... },  -- primaries taking traffic now
+--       pools    = { { version = 2, weight = 90, ready = { <id>, ... },   -- primaries taking traffic now
+--                      spare = { <id>, ... } }, ... },  -- the other pools' ready jobs, then the fallback's
 --       fallback = { <id>, ... },           -- ready jobs of fallback versions
 --       versions = { ["2"] = { <id>, ... } }, -- ready jobs of each version with an active job
 --       latest   = 4,                       -- the newest version number
@@ -36,7 +38,7 @@ local routes = { jobs = {}, projects = {} }
 local turns = {} -- round-robin position per pool, per worker
 local credits = {} -- smooth weighted round robin state per project, per worker
 local STICKY_COOKIE = "mlserve_version"
-local MAX_TRIES = 3 -- instances of the chosen pool tried when they cannot be reached, then as many fallbacks
+local MAX_TRIES = 3 -- instances of the chosen pool tried when they cannot be reached, then as many spares
 
 -- A peer that cannot exist: connecting to it fails at once and ends the tries with a 502.
 local NO_REPLAY = "unix:/nonexistent/mlserve-never-resend-a-sent-request.sock"
@@ -44,6 +46,9 @@ local NO_REPLAY = "unix:/nonexistent/mlserve-never-resend-a-sent-request.sock"
 -- Whether an instance's socket still takes connections: a non-blocking connect, closed at once
 -- (cosockets are not available in the balancer). Refused or gone means its instance died.
 local function accepts(path)
+    if type(path) ~= "string" then
+        return true -- nothing to ask: take it as alive, so nothing is resent
+    end
     local fd = ffi.C.socket(AF_UNIX, bit.bor(SOCK_STREAM, SOCK_NONBLOCK), 0)
     if fd < 0 then
         return true -- cannot tell: take it as alive, so nothing is resent
@@ -176,7 +181,7 @@ function M.route()
             prefix, key, rest = "/serve/" .. key .. "/v/" .. number, key .. "/v/" .. number, after
         elseif #entry.pools > 0 then
             local chosen = entry.sticky and sticky_pool(key, entry) or pick(key, entry.pools)
-            prefix, pool, spare = "/serve/" .. key, chosen.ready, entry.fallback
+            prefix, pool, spare = "/serve/" .. key, chosen.ready, chosen.spare
             key = key .. "/v/" .. chosen.version
         elseif #entry.fallback > 0 then
             prefix, pool = "/serve/" .. key, entry.fallback
@@ -204,18 +209,20 @@ function M.route()
 end
 
 -- Balancer phase: round robin over the pool. A try that failed before it connected moves on to the
--- next instance, and past the pool's to the project's fallback instances. A request that reached an
--- instance is sent again only when that whole instance died with it (killed, restarted: its socket
--- refuses connections now), and only if nginx retries it at all (idempotent methods). If the instance
--- lives on, the request itself broke its worker (out of memory, a crash): it is never sent to another
--- one, so one bad request cannot take them all down.
+-- next instance, and past the pool's to the spare ones (other versions', then the fallback's).
+-- A request that reached an instance is sent again only when that whole instance died with it
+-- (killed, restarted: its socket, or its uWSGI master's stats socket, refuses connections now; the
+-- master alone holds the stats socket and dies first, while a worker may hold the listening socket
+-- a few milliseconds longer), and only if nginx retries it at all (idempotent methods). If the
+-- instance lives on, the request itself broke its worker (out of memory, a crash): it is never sent
+-- to another one, so one bad request cannot take them all down.
 function M.balance()
     local ctx = ngx.ctx
     local pool, spare = ctx.pool, ctx.spare
     if balancer.get_last_failure() then
         -- $upstream_connect_time has one entry per try, the current (empty) one last.
         local last = (ngx.var.upstream_connect_time or ""):match("([^,:%s]+)[,:%s]*$")
-        if ctx.stop or (last ~= "-" and accepts(ctx.socket)) then
+        if ctx.stop or (last ~= "-" and accepts(ctx.socket) and accepts(ctx.stats)) then
             ctx.stop = true
             return balancer.set_current_peer(NO_REPLAY)
         end
@@ -233,13 +240,11 @@ function M.balance()
     if ctx.tries < ctx.own then
         id = pool[(ctx.turn + ctx.tries) % #pool + 1]
     else
-        local turn = (turns.fallback or 0) + 1
-        turns.fallback = turn
-        id = spare[turn % #spare + 1]
+        id = spare[ctx.tries - ctx.own + 1] -- in order: other versions first, the fallback last
     end
     ctx.tries = ctx.tries + 1
     local job = ctx.routes.jobs[id]
-    ctx.socket = job.socket
+    ctx.socket, ctx.stats = job.socket, job.stats
     ngx.var.mlserve_version = job.version
     local ok, err = balancer.set_current_peer("unix:" .. ctx.socket)
     if not ok then

@@ -114,7 +114,7 @@ def test_routing_table_without_jobs():
 
 def _job(job_id, number, ready, version):
     return {"name": f"alice/projects/hello/{number}", "socket": f"/srv/mlh/run/{job_id}/sock/uwsgi.sock",
-            "ready": ready, "version": version}
+            "stats": f"/srv/mlh/run/{job_id}/sock/stats.sock", "ready": ready, "version": version}
 
 
 def test_routing_table_with_two_healthy_jobs_of_one_project():
@@ -125,7 +125,7 @@ def test_routing_table_with_two_healthy_jobs_of_one_project():
     assert _gateway().routing_table(routes, [ProjectTraffic("alice/projects/hello", latest=1)]) == {
         "jobs": {A: _job(A, 1, True, 1), B: _job(B, 2, True, 1)},
         "projects": {"alice/projects/hello": {
-            "pools": [{"version": 1, "weight": 2, "ready": [A, B]}],  # in job order: the round robin
+            "pools": [{"version": 1, "weight": 2, "ready": [A, B], "spare": []}],  # in job order: the round robin
             "fallback": [], "versions": {"1": [A, B]}, "latest": 1, "sticky": False,
         }},
     }
@@ -140,7 +140,7 @@ def test_routing_table_with_a_sick_job_and_a_stopped_project():
         # C is known (its endpoint answers 503), but in no pool.
         "jobs": {A: _job(A, 1, True, 1), C: _job(C, 2, False, 2)},
         "projects": {
-            "alice/projects/hello": {"pools": [{"version": 1, "weight": 1, "ready": [A]}], "fallback": [],
+            "alice/projects/hello": {"pools": [{"version": 1, "weight": 1, "ready": [A], "spare": []}], "fallback": [],
                                      "versions": {"1": [A], "2": []}, "latest": 2, "sticky": False},
             "bob/projects/idle": {"pools": [], "fallback": [], "versions": {}, "latest": 3, "sticky": False},
         },
@@ -154,7 +154,9 @@ def test_equal_turns_per_job_weigh_each_version_by_its_ready_jobs():
         Route(C, "alice/projects/hello/3", "alice/projects/hello", _sock(C), True, 2),
     ]
     pools = _gateway().routing_table(routes, [ProjectTraffic("alice/projects/hello")])["projects"]["alice/projects/hello"]["pools"]
-    assert pools == [{"version": 1, "weight": 1, "ready": [A]}, {"version": 2, "weight": 2, "ready": [B, C]}]
+    # A request whose pool cannot be reached moves on to the other version's instances.
+    assert pools == [{"version": 1, "weight": 1, "ready": [A], "spare": [B, C]},
+                     {"version": 2, "weight": 2, "ready": [B, C], "spare": [A]}]
 
 
 def test_shares_leave_out_versions_without_a_ready_job_and_fallbacks_wait():
@@ -165,7 +167,7 @@ def test_shares_leave_out_versions_without_a_ready_job_and_fallbacks_wait():
     ]
     split = ProjectTraffic("alice/projects/hello", Traffic({1: 90, 2: 10}, sticky=True), latest=3)
     entry = _gateway().routing_table(routes, [split])["projects"]["alice/projects/hello"]
-    assert entry == {"pools": [{"version": 1, "weight": 90, "ready": [A]}], "fallback": [C],
+    assert entry == {"pools": [{"version": 1, "weight": 90, "ready": [A], "spare": [C]}], "fallback": [C],
                      "versions": {"1": [A], "2": [], "3": [C]}, "latest": 3, "sticky": True}
     # With no primary ready, the pools are empty: the fallback's turn.
     routes[0] = Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), False, 1)
