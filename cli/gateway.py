@@ -218,7 +218,8 @@ class Gateway:
                     versions[route.version].append(route.job_id)
             primary = {v: len(ids) for v, ids in versions.items() if not any(r.fallback for r in mine if r.version == v)}
             fallback = [r.job_id for r in mine if r.fallback and r.healthy]
-            pools = [{"version": v, "weight": w, "ready": versions[v]} for v, w in weights(project.traffic, primary).items()]
+            pools: list[dict[str, Any]] = [{"version": v, "weight": w, "ready": versions[v]}
+                                           for v, w in weights(project.traffic, primary).items()]
             for pool in pools:  # where a request goes when its pool's instances cannot be reached
                 pool["spare"] = [i for other in pools if other is not pool for i in other["ready"]] + fallback
             table["projects"][key] = {
