@@ -38,6 +38,7 @@ class RunRequest:
     canary: int | None = None  # percent of the project endpoint's traffic for the new version
     fallback: bool = False  # the version takes traffic only when no primary version can
     allow_data_outside: bool = False  # mlserve.yml's data may name folders outside the project
+    network: str | None = None  # --network: wins over mlserve.yml's, and alone may open the network
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Deployer:
         mounts += [parse_data_mount(spec, project_dir, state_home, None if request.allow_data_outside else project_dir)
                    for spec in config.data]
         _check_unique_mounts(mounts)
+        network = _network(request.network, config.network)
         max_runtime_s = flag_max_runtime_s(request.max_runtime, config)
         requirements = config.requirements or "requirements.txt"
         # A project stays on the runtime its jobs run on: a brief engine outage must not move it.
@@ -101,7 +103,7 @@ class Deployer:
             runtime=runtime_name, artifact=built.artifact, project_dir=str(project_dir),
             workers=request.workers or config.workers or DEFAULT_WORKERS, preload=config.preload,
             env_vars=config.env_vars, mounts=tuple(mounts), limits=config.limits, health=config.health,
-            options=config.options, max_runtime_s=max_runtime_s, network=config.network,
+            options=config.options, max_runtime_s=max_runtime_s, network=network,
         )
         try:
             with self.state.project_lock(owner, project):
@@ -125,26 +127,29 @@ class Deployer:
             before = self.state.traffic(owner, project)
             same_kind = self._serving(owner, project, fallback=request.fallback)
             version = self.state.add_version(owner, project, spec, request.fallback)
+            split = before
             try:
                 active = Counter(j.version for j in self._serving(owner, project, fallback=False))
                 if request.canary is not None:
                     if not active:
                         raise UsageError(f"--canary: no primary job of {owner}/projects/{project} is running any more")
-                    self.state.set_traffic(owner, project, with_canary(before, active, version.number, request.canary))
+                    split = with_canary(before, active, version.number, request.canary)
                 elif not request.fallback and before.shares is not None and not any(
                         active[v] for v, share in before.shares.items() if share):
                     # The versions the split names are all gone: the new one takes it over.
-                    self.state.set_traffic(owner, project, Traffic({version.number: 100}, before.sticky))
+                    split = Traffic({version.number: 100}, before.sticky)
+                if split != before:
+                    self.state.set_traffic(owner, project, split)
                 count = max(1, sum(1 for j in same_kind if j.healthy)) if request.replace else 1
                 jobs = self.instances.reserve(version, count)
             except BaseException:
-                self._forget(version, before)
+                self._forget(version, before, split)
                 raise
         try:
             self.instances.launch(jobs)
         except BaseException:
             with self.state.lock():
-                self._forget(version, before)
+                self._forget(version, before, split)
                 self.instances.reroute_after_error()
             raise
         if not request.replace:
@@ -159,10 +164,18 @@ class Deployer:
                 self.instances.router.apply()
         return version, jobs, self.instances.finish_stop(taken)
 
-    def _forget(self, version: Version, traffic: Traffic) -> None:
-        """Undo a version that never served, and the split it changed. The caller holds the state lock."""
-        self.state.set_traffic(version.owner, version.project, traffic)
-        self.state.delete_version(version.owner, version.project, version.number)
+    def _forget(self, version: Version, before: Traffic, split: Traffic) -> None:
+        """Undo a version that never served, and the split it set (``before`` -> ``split``): the split goes
+        back unless a `traffic` command changed it meanwhile; then only the version's share goes.
+        The caller holds the state lock."""
+        owner, project = version.owner, version.project
+        current = self.state.traffic(owner, project)
+        if current == split:
+            self.state.set_traffic(owner, project, before)
+        elif current.shares and version.number in current.shares:
+            shares = {v: p for v, p in current.shares.items() if v != version.number}
+            self.state.set_traffic(owner, project, Traffic(shares or None, current.sticky))
+        self.state.delete_version(owner, project, version.number)
 
     def _serving(self, owner: str, project: str, fallback: bool) -> list[Job]:
         """The project's active jobs (not stopping) of primary versions, or of fallback versions."""
@@ -247,6 +260,18 @@ class Deployer:
                 f"{OVERSUBSCRIBED_PER_CORE} per core they compete for the CPU and throughput falls (on 2 cores, "
                 "30 jobs of 2 workers served 0.42x the requests of 2 jobs). More jobs add capacity only with more cores."
             )
+
+
+def _network(flag: str | None, configured: str) -> str:
+    """``--network``, else mlserve.yml's. A project's mlserve.yml (which may come from a cloned
+    repository) may ask for less network, never for more: `open` takes the command line."""
+    if flag is not None:
+        return flag
+    if configured == "open":
+        raise UsageError("mlserve.yml asks for `network: open`: its instances could reach this host, private networks "
+                         "and other instances",
+                         "If you trust this project with that, confirm it with `mlserve run --mode serve --network open`.")
+    return configured
 
 
 def _check_unique_mounts(mounts: list[DataMount]) -> None:

@@ -93,13 +93,23 @@ class Engine:
         """A bridge network ``name`` with ``options``, created when missing (another command may create
         it at the same moment: that is fine)."""
         with engine_errors(f"setting up the network {name}"):
-            if self.client.networks.list(names=[name]):
-                return
-            try:
-                self.client.networks.create(name, driver="bridge", options=options, check_duplicate=True)
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409 and not self.client.networks.list(names=[name]):
-                    raise
+            found = self._network(name)
+            if found is None:
+                try:
+                    self.client.networks.create(name, driver="bridge", options=options, check_duplicate=True)
+                except docker.errors.APIError:
+                    if self._network(name) is None:
+                        raise
+                found = self._network(name)
+            have = (found.attrs.get("Options") or {}) if found is not None else {}
+            if any(have.get(key) != value for key, value in options.items()):
+                raise MlserveError(f"the Docker network {name} exists with other settings than mlserve's "
+                                   f"({', '.join(f'{k}={have.get(k)}' for k in options)})",
+                                   f"Remove it (`docker network rm {name}`, with no container on it) and run again.")
+
+    def _network(self, name: str) -> Any:
+        """The network called exactly ``name`` (the engine's name filter also matches longer names)."""
+        return next((n for n in self.client.networks.list(names=[name]) if n.name == name), None)
 
     def container(self, container_id: str) -> Container | None:
         with engine_errors(f"looking up container {container_id[:12]}"):

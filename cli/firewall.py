@@ -26,14 +26,16 @@ BRIDGE = "mlserve0"
 FORWARD_CHAIN = "MLSERVE-ISOLATION"
 HOST_CHAIN = "MLSERVE-HOST"
 # Everything that is not the public internet (RFC 6890's special-purpose ranges that route somewhere).
+# Azure's WireServer (168.63.129.16) is a cloud metadata service on a public address.
 BLOCKED = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-           "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4")
+           "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4", "168.63.129.16/32")
 NETWORK_OPTIONS = {
     "com.docker.network.bridge.name": BRIDGE,
     "com.docker.network.bridge.enable_icc": "false",  # instances cannot reach each other
     "com.docker.network.bridge.enable_ip_masquerade": "true",
 }
-LOCK = Path("/run/lock/mlserve-firewall.lock")
+LOCK = Path("/run/mlserve-firewall.lock")  # /run is root's alone: nobody else can hold it
+LOCK_TIMEOUT_S = 60
 HINT = ("Instances are isolated with iptables, as root (`apt-get install -y iptables`). Or set `network: open` "
         "in mlserve.yml to run without that isolation.")
 
@@ -62,27 +64,45 @@ def rules(resolvers: list[str]) -> dict[str, list[list[str]]]:
     return {FORWARD_CHAIN: forward, HOST_CHAIN: host}
 
 
-JUMPS = (("DOCKER-USER", FORWARD_CHAIN), ("INPUT", HOST_CHAIN))
+# Docker puts DOCKER-USER first in FORWARD (and puts it back when it starts); a flushed FORWARD loses
+# that jump too, and it is restored with the others.
+JUMPS = (("FORWARD", "DOCKER-USER", ()), ("DOCKER-USER", FORWARD_CHAIN, ("-i", BRIDGE)),
+         ("INPUT", HOST_CHAIN, ("-i", BRIDGE)))
+
+
+def _in_place() -> bool:
+    return all(_iptables("-C", parent, *match, "-j", chain, check=False) for parent, chain, match in JUMPS)
 
 
 def ensure() -> None:
     """Make sure the chains are filled and jumped to. Raises MlserveError with advice."""
-    if all(_iptables("-C", parent, "-i", BRIDGE, "-j", chain, check=False) for parent, chain in JUMPS):
+    if _in_place():
         return
     LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(LOCK)):
-        try:
-            resolv = Path("/etc/resolv.conf").read_text()
-        except OSError:
-            resolv = ""
-        for chain, chain_rules in rules(nameservers(resolv)).items():
-            _iptables("-N", chain, check=False)
-            _iptables("-F", chain)
-            for rule in chain_rules:
-                _iptables("-A", chain, *rule)
-        for parent, chain in JUMPS:
-            if not _iptables("-C", parent, "-i", BRIDGE, "-j", chain, check=False):
-                _iptables("-I", parent, "1", "-i", BRIDGE, "-j", chain)
+    try:
+        with FileLock(str(LOCK), timeout=LOCK_TIMEOUT_S):
+            if _in_place():  # another command did it meanwhile
+                return
+            _fill()
+    except TimeoutError:
+        raise MlserveError(f"cannot isolate the instances' network: {LOCK} stayed locked for {LOCK_TIMEOUT_S} s",
+                           HINT) from None
+
+
+def _fill() -> None:
+    try:
+        resolv = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        resolv = ""
+    _iptables("-N", "DOCKER-USER", check=False)
+    for chain, chain_rules in rules(nameservers(resolv)).items():
+        _iptables("-N", chain, check=False)
+        _iptables("-F", chain)
+        for rule in chain_rules:
+            _iptables("-A", chain, *rule)
+    for parent, chain, match in JUMPS:
+        if not _iptables("-C", parent, *match, "-j", chain, check=False):
+            _iptables("-I", parent, "1", *match, "-j", chain)
 
 
 def _iptables(*args: str, check: bool = True) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__, daemons
-from .config import load_config
+from .config import NETWORKS, load_config
 from .deploy import Deployer, RunRequest
 from .errors import MlserveError, UsageError
 from .instances import Instances
@@ -130,10 +130,14 @@ def validate(directory: Path) -> None:
               help="The new version takes traffic only when no primary version has a healthy job.")
 @click.option("--allow-data-outside", is_flag=True,
               help="Let mlserve.yml's data: mount folders outside the project folder (only for a mlserve.yml you trust).")
+@click.option("--network", type=click.Choice(NETWORKS),
+              help="What instances may reach (default isolated: the internet only; mlserve.yml's `network:` may "
+                   "ask for none, and open only with this flag).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, workers: int | None,
         runtime: str | None, ca_bundle: str | None, as_json: bool, max_runtime: str | None, follow: bool,
-        replace: bool, canary: int | None, fallback: bool, allow_data_outside: bool, command: tuple[str, ...]) -> None:
+        replace: bool, canary: int | None, fallback: bool, allow_data_outside: bool, network: str | None,
+        command: tuple[str, ...]) -> None:
     """Validate app.py here, build an image and serve it as a new version of the project, behind a
     unique endpoint, the project's endpoint and the version's endpoint."""
     if mode != "serve":
@@ -145,7 +149,7 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
         )
     platform = _revived(quiet=as_json)
     deployment = Deployer(platform).run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime,
-                                                   replace, canary, fallback, allow_data_outside))
+                                                   replace, canary, fallback, allow_data_outside, network))
     job = deployment.jobs[0]
     if as_json:
         _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],

@@ -58,6 +58,8 @@ def _add_versions(db: sqlite3.Connection) -> None:
             PRIMARY KEY (owner, project)
         )""")
     db.execute("ALTER TABLE jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+    # Version numbers are never reused either (a sticky cookie or a printed /v/N must not change model).
+    db.execute("ALTER TABLE project_counters ADD COLUMN last_version INTEGER NOT NULL DEFAULT 0")
     numbers: dict[tuple[str, str, str], int] = {}
     rows = db.execute("SELECT id, owner, project, image, settings, created_at FROM jobs ORDER BY created_at, number")
     for job_id, owner, project, image, settings, created_at in rows.fetchall():
@@ -67,6 +69,10 @@ def _add_versions(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO versions (owner, project, number, image, spec, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                        (owner, project, numbers[key], image, settings, created_at))
         db.execute("UPDATE jobs SET version = ? WHERE id = ?", (numbers[key], job_id))
+    db.execute("INSERT INTO project_counters (owner, project, last) SELECT owner, project, MAX(number) FROM jobs"
+               " WHERE true GROUP BY owner, project ON CONFLICT (owner, project) DO NOTHING")
+    db.execute("UPDATE project_counters SET last_version = (SELECT COALESCE(MAX(number), 0) FROM versions"
+               " WHERE versions.owner = project_counters.owner AND versions.project = project_counters.project)")
 
 
 Migration = str | Callable[[sqlite3.Connection], None]
@@ -327,10 +333,16 @@ class StateStore:
     # versions and traffic -------------------------------------------------
 
     def add_version(self, owner: str, project: str, spec: JobSpec, fallback: bool = False) -> Version:
-        """Record the project's next version. The caller holds the state lock."""
+        """Record the project's next version (numbers are never reused). The caller holds the state lock."""
         with self._tx() as db:
-            row = db.execute("SELECT MAX(number) FROM versions WHERE owner = ? AND project = ?", (owner, project)).fetchone()
-            version = Version(owner, project, (row[0] or 0) + 1, spec, fallback, time.time())
+            db.execute(
+                "INSERT INTO project_counters (owner, project, last, last_version) VALUES (?, ?, 0, 1) "
+                "ON CONFLICT (owner, project) DO UPDATE SET last_version = last_version + 1",
+                (owner, project),
+            )
+            row = db.execute("SELECT last_version FROM project_counters WHERE owner = ? AND project = ?",
+                             (owner, project)).fetchone()
+            version = Version(owner, project, int(row[0]), spec, fallback, time.time())
             db.execute(
                 "INSERT INTO versions (owner, project, number, image, spec, fallback, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (owner, project, version.number, spec.artifact.ref, spec.to_json(), int(fallback), version.created_at),

@@ -82,11 +82,11 @@ def split(total: int, weights_: Mapping[int, float]) -> dict[int, int]:
 
 
 def with_canary(traffic: Traffic, active: Mapping[int, int], new: int, percent: int) -> Traffic:
-    """The split after a canary: ``new`` takes ``percent``; the others keep their proportions of the rest
-    (their shares, or their number of jobs when the project gave equal turns per job)."""
-    if traffic.shares is not None:
-        others: Mapping[int, float] = {v: p for v, p in traffic.shares.items() if p > 0}
-    else:
+    """The split after a canary: ``new`` takes ``percent``; the serving versions keep their proportions
+    of the rest (their shares, or their number of jobs when the project gave equal turns per job).
+    ``active``: primary versions with their active jobs; a share of a version without one is dropped."""
+    others: Mapping[int, float] = {v: p for v, p in (traffic.shares or {}).items() if p > 0 and active.get(v)}
+    if not others:  # equal turns per job, or a split whose versions have no job left: by jobs
         others = {v: n for v, n in active.items() if n > 0}
     shares = {v: p for v, p in split(100 - percent, others).items() if p > 0}
     shares[new] = percent

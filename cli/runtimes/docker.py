@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from docker.models.containers import Container
 
@@ -31,6 +33,8 @@ from ..home import Home
 from ..text import log_line
 from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
 
+NETWORK_RECHECK_S = 30.0
+_NETWORK_MODES = {"none": "none", "open": "default"}  # the isolated network's mode is its name
 KEPT_LOG_LINES = 1000  # of a stopped container, kept in its run dir for `mlserve logs`
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -50,7 +54,7 @@ class DockerRuntime:
         self.engine = engine
         self.home = home
         self.home_label = str(home.root)
-        self._network_ready = False  # the isolated network and its firewall were made sure of
+        self._network_checked = -NETWORK_RECHECK_S  # when the isolated network and its firewall were made sure of
 
     # building -------------------------------------------------------------------------------
 
@@ -124,24 +128,31 @@ class DockerRuntime:
         )
         return str(container.id)
 
-    def _network(self, policy: str, recheck: bool = False) -> dict[str, str]:
+    def _network(self, policy: str, recheck: bool = False) -> dict[str, Any]:
         """The container options of a network policy (config.NETWORKS); the isolated network and its
-        firewall are made sure of first (once per command, or again with ``recheck``)."""
+        firewall are made sure of first (at most every NETWORK_RECHECK_S in one process, or with
+        ``recheck``: the supervisor lives long, and a firewall may be flushed meanwhile)."""
         if policy == "none":
             return {"network_mode": "none"}
         if policy == "open":
             return {}
-        if recheck or not self._network_ready:
+        if recheck or time.monotonic() - self._network_checked > NETWORK_RECHECK_S:
             self.engine.ensure_network(firewall.NETWORK_NAME, firewall.NETWORK_OPTIONS)
             firewall.ensure()
-            self._network_ready = True
-        return {"network": firewall.NETWORK_NAME}
+            self._network_checked = time.monotonic()
+        # The firewall's rules are IPv4; an instance gets no IPv6 (not even link-local) to go around them.
+        return {"network": firewall.NETWORK_NAME, "sysctls": {"net.ipv6.conf.all.disable_ipv6": "1",
+                                                               "net.ipv6.conf.default.disable_ipv6": "1"}}
 
     def restart(self, spec: InstanceSpec, handle: str | None) -> str:
         container = self._get(spec.job_id, handle)
         if container is None:
             return self.start(spec)
         self._network(spec.network, recheck=True)  # a flushed firewall (a reboot) is restored before it runs again
+        if _network_mode(container) != _NETWORK_MODES.get(spec.network, firewall.NETWORK_NAME):
+            # Made before its policy was (an older mlserve): a new container, on the network it should have.
+            self.engine.stop(container, timeout=5)
+            return self.start(spec)
         self.engine.restart(container, timeout=5)
         return str(container.id)
 
@@ -244,6 +255,11 @@ def oom_kills_of(container_id: str, pid: object = None, root: Path = CGROUP_ROOT
             if key == "oom_kill" and value.strip().isdigit():
                 return int(value)
     return None
+
+
+def _network_mode(container: Container) -> str:
+    mode = str(container.attrs.get("HostConfig", {}).get("NetworkMode") or "default")
+    return "default" if mode == "bridge" else mode
 
 
 def _kept_log(path: Path, tail: int | None) -> Iterator[str]:

@@ -36,7 +36,7 @@ local M = {}
 local cached_version = nil
 local routes = { jobs = {}, projects = {} }
 local turns = {} -- round-robin position per pool, per worker
-local credits = {} -- smooth weighted round robin state per project, per worker
+local credits = {} -- smooth weighted round robin state per project, per worker (kept across pushes)
 local STICKY_COOKIE = "mlserve_version"
 local MAX_TRIES = 3 -- instances of the chosen pool tried when they cannot be reached, then as many spares
 
@@ -62,13 +62,34 @@ local function accepts(path)
     return rc == 0 or (err ~= ECONNREFUSED and err ~= ENOENT)
 end
 
+local function list(value)
+    return type(value) == "table" and value or {}
+end
+
+-- A project entry as route() reads it, whatever a table pushed by another mlserve version left out;
+-- `split` names its pools and weights, so a push that changes neither keeps the round robin going.
+local function checked(entry)
+    entry = list(entry)
+    entry.pools, entry.fallback, entry.versions = list(entry.pools), list(entry.fallback), list(entry.versions)
+    local split = {}
+    for i, pool in ipairs(entry.pools) do
+        pool.ready, pool.weight = list(pool.ready), tonumber(pool.weight) or 1
+        split[i] = tostring(pool.version) .. ":" .. pool.weight
+    end
+    entry.split = table.concat(split, ",")
+    return entry
+end
+
 local function current()
     local version = shared:get("version")
     if version ~= cached_version then
         local decoded = cjson.decode(shared:get("routes") or "")
         if type(decoded) == "table" then
+            decoded.jobs, decoded.projects = list(decoded.jobs), list(decoded.projects)
+            for key, entry in pairs(decoded.projects) do
+                decoded.projects[key] = checked(entry)
+            end
             routes = decoded
-            credits = {}
         end
         cached_version = version
     end
@@ -111,13 +132,14 @@ function M.control()
 end
 
 -- The pool of a project endpoint's request: nginx's smooth weighted round robin over the pools.
-local function pick(key, pools)
+local function pick(key, entry)
+    local pools = entry.pools
     if #pools == 1 then
         return pools[1]
     end
     local credit = credits[key]
-    if not credit or #credit ~= #pools then
-        credit = {}
+    if not credit or credit.split ~= entry.split then
+        credit = { split = entry.split }
         for i = 1, #pools do
             credit[i] = 0
         end
@@ -145,7 +167,7 @@ local function sticky_pool(key, entry)
             end
         end
     end
-    local pool = pick(key, entry.pools)
+    local pool = pick(key, entry)
     ngx.var.mlserve_cookie = STICKY_COOKIE .. "=" .. pool.version .. "; Path=/serve/" .. key .. "; HttpOnly; SameSite=Lax"
     return pool
 end
@@ -180,7 +202,7 @@ function M.route()
             end
             prefix, key, rest = "/serve/" .. key .. "/v/" .. number, key .. "/v/" .. number, after
         elseif #entry.pools > 0 then
-            local chosen = entry.sticky and sticky_pool(key, entry) or pick(key, entry.pools)
+            local chosen = entry.sticky and sticky_pool(key, entry) or pick(key, entry)
             prefix, pool, spare = "/serve/" .. key, chosen.ready, chosen.spare
             key = key .. "/v/" .. chosen.version
         elseif #entry.fallback > 0 then

@@ -96,7 +96,8 @@ def _deploy(ms, tmp_path: Path, name: str, network: str | None) -> dict:
     (folder / "app.py").write_text(APP)
     (folder / "requirements.txt").write_text("flask\n")
     (folder / "mlserve.yml").write_text(f"project: {name}\n" + (f"network: {network}\n" if network else ""))
-    return ms.json("run", "--mode", "serve", cwd=folder)
+    flags = ["--network", "open"] if network == "open" else []  # mlserve.yml alone may not open it
+    return ms.json("run", "--mode", "serve", *flags, cwd=folder)
 
 
 def _reaches(job: dict, host: str, port: int) -> bool:
@@ -132,6 +133,30 @@ def test_isolated_instances_reach_neither_the_host_nor_each_other(mlserve, docke
     assert not _reaches(isolated, _address(docker_client, mlserve, opened), 9999)  # one on another network
     # Names still resolve (DNS to this host's resolvers is let through), so apps can download things.
     assert _resolves(isolated, "pypi.org")
+    # No IPv6 (not even link-local) to go around the IPv4 rules.
+    container = job_container(docker_client, mlserve.home, isolated["id"])
+    assert container.exec_run("cat /proc/sys/net/ipv6/conf/all/disable_ipv6").output.strip() == b"1"
+
+
+def test_a_flushed_firewall_is_restored_before_an_instance_starts(mlserve, tmp_path, host_listener):
+    first = _deploy(mlserve, tmp_path, "first", None)
+    subprocess.run(["iptables", "-w", "-D", "DOCKER-USER", "-i", "mlserve0", "-j", "MLSERVE-ISOLATION"], check=True)
+    subprocess.run(["iptables", "-w", "-F", "MLSERVE-HOST"], check=True)
+    mlserve("scale", "2", "--project", "first")
+    rules = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True, check=True).stdout
+    assert "-A DOCKER-USER -i mlserve0 -j MLSERVE-ISOLATION" in rules and "-A MLSERVE-HOST -j DROP" in rules
+    for address in _host_addresses():
+        assert not _reaches(first, address, host_listener)
+
+
+def test_a_cloned_mlserve_yml_cannot_open_the_network(mlserve, tmp_path):
+    folder = tmp_path / "cloned"
+    folder.mkdir()
+    (folder / "app.py").write_text(APP)
+    (folder / "mlserve.yml").write_text("network: open\n")
+    result = mlserve("run", "--mode", "serve", cwd=folder, check=False)
+    assert result.returncode != 0 and "--network open" in result.stderr
+    assert mlserve.json("status", "--all") == []
 
 
 def test_an_instance_without_a_network_reaches_nothing(mlserve, docker_client, tmp_path, host_listener):

@@ -103,6 +103,8 @@ def test_versions_are_numbered_per_project(tmp_path):
     assert [(v.number, v.spec.artifact.ref, v.fallback) for v in store.versions("alice", "p")] == [
         (1, "img:0", False), (2, "img:1", False)]
     assert [v.project_key for v in store.versions()] == ["alice/projects/p"] * 2 + ["alice/projects/q"]
+    assert store.add_version("alice", "p", _spec("img:4")).number == 4  # 3 is never reused
+    assert store.next_number("alice", "p") == 1  # job numbers count on their own
 
 
 def test_traffic_round_trip(tmp_path):
@@ -142,3 +144,4 @@ def test_jobs_from_before_versions_are_grouped_into_versions_by_image(tmp_path):
     store = StateStore(home)
     assert [(j.number, j.version) for j in store.jobs()] == [(1, 1), (2, 2), (3, 1)]
     assert [v.number for v in store.versions("alice", "p")] == [1, 2]
+    assert store.add_version("alice", "p", _spec("img:c")).number == 3

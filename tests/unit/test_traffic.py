@@ -52,7 +52,10 @@ def test_split_keeps_whole_percents_that_sum_up():
 def test_a_canary_keeps_the_others_proportions():
     # Equal turns per job: version 1 has 3 jobs, version 2 one.
     assert with_canary(Traffic(), {1: 3, 2: 1}, 3, 20).shares == {1: 60, 2: 20, 3: 20}
-    assert with_canary(Traffic({1: 50, 2: 50}, sticky=True), {1: 1}, 3, 10) == Traffic({1: 45, 2: 45, 3: 10}, True)
+    assert with_canary(Traffic({1: 50, 2: 50}, sticky=True), {1: 1, 2: 1}, 3, 10) == Traffic({1: 45, 2: 45, 3: 10}, True)
+    # A share of a version without a job is dropped: the canary must not take its part too.
+    assert with_canary(Traffic({1: 50, 2: 50}), {1: 1}, 3, 10).shares == {1: 90, 3: 10}
+    assert with_canary(Traffic({3: 100}), {5: 1}, 6, 10).shares == {5: 90, 6: 10}
     assert with_canary(Traffic({1: 100}), {1: 1}, 2, 100).shares == {2: 100}
     assert with_canary(Traffic({1: 100}), {1: 1}, 2, 0).shares == {1: 100, 2: 0}
 
