@@ -28,6 +28,7 @@ from .engine import Engine, engine_errors
 from .errors import BuildError, BuildInterrupted
 from .project import context_files, context_size, linked_folders
 from .render import render
+from .text import log_line
 
 RUNTIME_PACKAGES = ("pyuwsgi", "filelock", "a2wsgi")
 CA_ENV_VARS = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
@@ -210,7 +211,7 @@ class ImageBuilder:
                     if "error" in chunk:
                         detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
                         raise BuildError(
-                            f"image build failed: {detail.strip()}",
+                            f"image build failed: {log_line(detail.strip())}",
                             "Build output (tail):\n" + "\n".join(log[-TAIL_LINES:]),
                         )
                     text = chunk.get("stream", "")
@@ -221,7 +222,7 @@ class ImageBuilder:
                         elif "Using cache" in line:
                             cached += 1
                         if line.strip():
-                            log.append(line.rstrip())
+                            log.append(log_line(line.rstrip()))  # the app's import errors: shown, never acted on
         except KeyboardInterrupt:
             # Closing the stream makes the engine cancel the build; forcerm removes its containers.
             if stream is not None and hasattr(stream, "close"):

@@ -172,10 +172,9 @@ class Deployer:
         current = self.state.traffic(owner, project)
         if current == split:
             self.state.set_traffic(owner, project, before)
-        elif current.shares and version.number in current.shares:
-            shares = {v: p for v, p in current.shares.items() if v != version.number}
-            self.state.set_traffic(owner, project, Traffic(shares or None, current.sticky))
-        self.state.delete_version(owner, project, version.number)
+            self.state.delete_version(owner, project, version.number)
+        else:
+            self.state.forget_versions_without_jobs()  # its jobs are gone: it goes, and its share
 
     def _serving(self, owner: str, project: str, fallback: bool) -> list[Job]:
         """The project's active jobs (not stopping) of primary versions, or of fallback versions."""

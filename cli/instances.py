@@ -15,12 +15,14 @@ import string
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from .actors import actor_alive, this_actor
 from .constants import DEFAULT_LOG_FILE_MAX_BYTES, DRAIN_GRACE_S, ENDPOINT_ID_LENGTH, KEEP_VERSIONS, MANIFEST_NAME
 from .errors import JobStartError, MlserveError
 from .health import wait_healthy
 from .platform import Platform
+from .project import check_data_source
 from .routing import Router
 from .runtimes import InstanceSpec, UwsgiSettings
 from .state import Job, Version
@@ -54,8 +56,8 @@ class Instances:
         if not runtime.has(spec.artifact):
             raise JobStartError(
                 f"version {version.number} of {version.project_key} has no image any more ({spec.artifact.ref})",
-                f"mlserve keeps the images of a project's newest {KEEP_VERSIONS} versions and of every serving job; "
-                "run it again from its folder with `mlserve run --mode serve`.")
+                f"mlserve keeps the images of a project's newest {KEEP_VERSIONS} versions and of every serving job "
+                "(or a concurrent run cleaned it up); run it again from its folder with `mlserve run --mode serve`.")
         settings = self.platform.gateway.settings
         spec = spec.with_gateway(settings.body_limit_mb, settings.timeout_s)
         actor, jobs = this_actor(), []
@@ -95,6 +97,8 @@ class Instances:
         for path in (run_dir, socket_dir, output_dir):
             path.mkdir(parents=True, exist_ok=True)
         runtime.prepare(socket_dir, output_dir)  # the instance writes only these two
+        for mount in spec.mounts:  # a data folder may have become a link to somewhere else since the run
+            check_data_source(Path(mount.source).resolve(), home.root)
         view = runtime.view(spec.artifact, run_dir, output_dir, spec.mounts)
         manifest = {
             "job": job.name,

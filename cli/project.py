@@ -82,7 +82,7 @@ def parse_data_mount(spec: str, base: Path, state_home: Path, inside: Path | Non
     path = (base / source).expanduser().resolve()
     if not path.exists():
         raise UsageError(f"--data source {source} does not exist ({path})", "Name an existing folder or file.")
-    _check_data_source(path, state_home.resolve(), inside)
+    check_data_source(path, state_home.resolve(), inside)
     mount = "/" + mount.strip("/")
     if not MOUNT_RE.match(mount) or ".." in mount.split("/"):
         raise UsageError(f"--data mount point {mount!r} is not a plain absolute path", "e.g. `--data ./models:input`.")
@@ -91,7 +91,9 @@ def parse_data_mount(spec: str, base: Path, state_home: Path, inside: Path | Non
     return DataMount(str(path), mount)
 
 
-def _check_data_source(path: Path, state_home: Path, inside: Path | None) -> None:
+def check_data_source(path: Path, state_home: Path, inside: Path | None = None) -> None:
+    """Raise UsageError when the resolved ``path`` must not be mounted into an instance (see
+    parse_data_mount). Checked again before every start: a folder may become a link meanwhile."""
     hint = "Mount the folder that holds the data itself, e.g. `--data ./models:input`."
     if inside is not None and not path.is_relative_to(inside.resolve()):
         raise UsageError(

@@ -105,6 +105,10 @@ class Reconciler:
                         self.state.update_job(job.id, healthy=False)
                 self.router.apply()
         self._each(todo.discard, lambda job: self.instances.discard([job]), errors)
+        if todo.discard:  # the commands that started them died: so did the versions they were making
+            with self.state.lock():
+                if self.state.forget_versions_without_jobs():
+                    self.router.apply()
         self._each(todo.finish_stop, lambda job: self._finish_stop(job), errors)
         self._each(todo.expire, lambda job: self.instances.stop([job], reason="maximum runtime reached"), errors)
         self._each(todo.orphans, self._remove_orphan, errors)

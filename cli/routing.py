@@ -19,7 +19,7 @@ class Router:
 
     def routes(self) -> list[Route]:
         """Active jobs as the gateway routes them: only healthy running ones take traffic."""
-        fallback = {(v.owner, v.project, v.number) for v in self.state.versions() if v.fallback}
+        fallback = self.state.fallback_versions()
         return [
             Route(job.id, job.name, job.project_key, str(self.platform.home.socket(job.id)),
                   job.healthy and job.state == "running", job.version,

@@ -362,6 +362,27 @@ class StateStore:
                                       (owner, project))
         return [_row_to_version(row) for row in rows]
 
+    def forget_versions_without_jobs(self) -> list[Version]:
+        """Delete the versions no job row names (a run killed before its jobs served left them), and
+        their shares. Every run records its version and its jobs in one locked step, so under the state
+        lock (the caller holds it) only such leftovers have none."""
+        rows = self._conn.execute(
+            "SELECT * FROM versions v WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.owner = v.owner"
+            " AND j.project = v.project AND j.version = v.number)").fetchall()
+        gone = [_row_to_version(row) for row in rows]
+        for version in gone:
+            traffic = self.traffic(version.owner, version.project)
+            if traffic.shares and version.number in traffic.shares:
+                shares = {v: p for v, p in traffic.shares.items() if v != version.number}
+                self.set_traffic(version.owner, version.project, Traffic(shares or None, traffic.sticky))
+            self.delete_version(version.owner, version.project, version.number)
+        return gone
+
+    def fallback_versions(self) -> frozenset[tuple[str, str, int]]:
+        """(owner, project, number) of every fallback version."""
+        rows = self._conn.execute("SELECT owner, project, number FROM versions WHERE fallback = 1")
+        return frozenset((owner, project, int(number)) for owner, project, number in rows)
+
     def traffic(self, owner: str, project: str) -> Traffic:
         row = self._conn.execute("SELECT shares, sticky FROM traffic WHERE owner = ? AND project = ?",
                                  (owner, project)).fetchone()

@@ -68,7 +68,7 @@ def parse_shares(values: Iterable[str], known: Iterable[int]) -> dict[int, int]:
     return shares
 
 
-def split(total: int, weights_: Mapping[int, float]) -> dict[int, int]:
+def apportion(total: int, weights_: Mapping[int, float]) -> dict[int, int]:
     """``total`` percent in whole numbers, in proportion to ``weights_`` (largest remainders get the rest)."""
     whole = sum(weights_.values())
     if not whole:
@@ -88,7 +88,7 @@ def with_canary(traffic: Traffic, active: Mapping[int, int], new: int, percent: 
     others: Mapping[int, float] = {v: p for v, p in (traffic.shares or {}).items() if p > 0 and active.get(v)}
     if not others:  # equal turns per job, or a split whose versions have no job left: by jobs
         others = {v: n for v, n in active.items() if n > 0}
-    shares = {v: p for v, p in split(100 - percent, others).items() if p > 0}
+    shares = {v: p for v, p in apportion(100 - percent, others).items() if p > 0}
     shares[new] = percent
     return Traffic(shares, traffic.sticky)
 

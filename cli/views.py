@@ -90,8 +90,7 @@ def status_views(platform: Platform, include_stopped: bool) -> tuple[list[JobVie
     seen = Reconciler(platform).observe()
     jobs = platform.state.jobs(active_only=not include_stopped)
     used = {job.runtime for job in jobs if job.active}
-    fallback = frozenset((v.owner, v.project, v.number) for v in platform.state.versions() if v.fallback)
-    return job_views(jobs, seen, platform.endpoint, fallback), {k: v for k, v in seen.unreachable.items() if k in used}
+    return job_views(jobs, seen, platform.endpoint, platform.state.fallback_versions()), {k: v for k, v in seen.unreachable.items() if k in used}
 
 
 def worker_respawns(platform: Platform, job: Job) -> int | None:

@@ -194,7 +194,8 @@ function M.route()
                     return answer(404, { error = "no such version", project = key })
                 end
                 return answer(503, { error = "version has no serving job", project = key, version = tonumber(number),
-                                     detail = "start one with `mlserve scale 1 --version " .. number .. "`" }, "5")
+                                     detail = "start one with `mlserve scale 1 --version " .. number .. " --project "
+                                              .. project .. "`" }, "5")
             end
             if #pool == 0 then
                 return answer(503, { error = "version has no healthy job", project = key,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import sqlite3
 
@@ -145,3 +146,15 @@ def test_jobs_from_before_versions_are_grouped_into_versions_by_image(tmp_path):
     assert [(j.number, j.version) for j in store.jobs()] == [(1, 1), (2, 2), (3, 1)]
     assert [v.number for v in store.versions("alice", "p")] == [1, 2]
     assert store.add_version("alice", "p", _spec("img:c")).number == 3
+
+
+def test_versions_without_jobs_are_forgotten_with_their_share(tmp_path):
+    store = StateStore(Home(tmp_path))
+    serving = store.add_version("alice", "p", _spec("img:1"))
+    store.add_job(dataclasses.replace(_job("a" * 22, 1), version=serving.number))
+    left = store.add_version("alice", "p", _spec("img:2"))  # its run died before any job was recorded
+    store.set_traffic("alice", "p", Traffic({serving.number: 90, left.number: 10}))
+    assert [v.number for v in store.forget_versions_without_jobs()] == [left.number]
+    assert [v.number for v in store.versions("alice", "p")] == [serving.number]
+    assert store.traffic("alice", "p") == Traffic({serving.number: 90})
+    assert store.forget_versions_without_jobs() == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlserve.errors import UsageError
-from mlserve.traffic import Traffic, most_traffic, parse_shares, percents, split, weights, with_canary
+from mlserve.traffic import Traffic, apportion, most_traffic, parse_shares, percents, weights, with_canary
 
 
 def test_equal_turns_weigh_versions_by_their_ready_jobs():
@@ -42,11 +42,11 @@ def test_parse_shares_refuses(values, message):
 
 
 def test_split_keeps_whole_percents_that_sum_up():
-    assert split(90, {1: 1, 2: 1, 3: 1}) == {1: 30, 2: 30, 3: 30}
-    shares = split(90, {1: 1, 2: 2})
+    assert apportion(90, {1: 1, 2: 1, 3: 1}) == {1: 30, 2: 30, 3: 30}
+    shares = apportion(90, {1: 1, 2: 2})
     assert shares == {1: 30, 2: 60} and sum(shares.values()) == 90
-    assert sum(split(100, {1: 1, 2: 1, 3: 1}).values()) == 100
-    assert split(50, {}) == {}
+    assert sum(apportion(100, {1: 1, 2: 1, 3: 1}).values()) == 100
+    assert apportion(50, {}) == {}
 
 
 def test_a_canary_keeps_the_others_proportions():
