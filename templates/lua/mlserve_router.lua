@@ -43,15 +43,15 @@ local MAX_TRIES = 3 -- instances of the chosen pool tried when they cannot be re
 -- A peer that cannot exist: connecting to it fails at once and ends the tries with a 502.
 local NO_REPLAY = "unix:/nonexistent/mlserve-never-resend-a-sent-request.sock"
 
--- Whether an instance's socket still takes connections: a non-blocking connect, closed at once
--- (cosockets are not available in the balancer). Refused or gone means its instance died.
-local function accepts(path)
+-- The errno of a non-blocking connect to a unix socket, closed at once (cosockets are not available in
+-- the balancer); 0 when it connected, or when there is nothing to ask or it cannot tell.
+local function connect_error(path)
     if type(path) ~= "string" then
-        return true -- nothing to ask: take it as alive, so nothing is resent
+        return 0
     end
     local fd = ffi.C.socket(AF_UNIX, bit.bor(SOCK_STREAM, SOCK_NONBLOCK), 0)
     if fd < 0 then
-        return true -- cannot tell: take it as alive, so nothing is resent
+        return 0
     end
     local addr = ffi.new("struct mlserve_sockaddr_un")
     addr.sun_family = AF_UNIX
@@ -59,7 +59,16 @@ local function accepts(path)
     local rc = ffi.C.connect(fd, addr, ffi.sizeof(addr))
     local err = ffi.errno()
     ffi.C.close(fd)
-    return rc == 0 or (err ~= ECONNREFUSED and err ~= ENOENT)
+    return rc == 0 and 0 or err
+end
+
+-- Whether the instance that took a request lives on: its socket takes connections (refused or gone:
+-- it died), and its uWSGI master's stats socket does not refuse them (the master alone holds it and
+-- dies first, while a worker may hold the listening socket a few milliseconds longer). A stats
+-- socket that is not there (an instance started without one) says nothing.
+local function lives(ctx)
+    local err = connect_error(ctx.socket)
+    return err ~= ECONNREFUSED and err ~= ENOENT and connect_error(ctx.stats) ~= ECONNREFUSED
 end
 
 local function list(value)
@@ -234,9 +243,7 @@ end
 -- Balancer phase: round robin over the pool. A try that failed before it connected moves on to the
 -- next instance, and past the pool's to the spare ones (other versions', then the fallback's).
 -- A request that reached an instance is sent again only when that whole instance died with it
--- (killed, restarted: its socket, or its uWSGI master's stats socket, refuses connections now; the
--- master alone holds the stats socket and dies first, while a worker may hold the listening socket
--- a few milliseconds longer), and only if nginx retries it at all (idempotent methods). If the
+-- (killed, restarted: see lives()), and only if nginx retries it at all (idempotent methods). If the
 -- instance lives on, the request itself broke its worker (out of memory, a crash): it is never sent
 -- to another one, so one bad request cannot take them all down.
 function M.balance()
@@ -245,7 +252,7 @@ function M.balance()
     if balancer.get_last_failure() then
         -- $upstream_connect_time has one entry per try, the current (empty) one last.
         local last = (ngx.var.upstream_connect_time or ""):match("([^,:%s]+)[,:%s]*$")
-        if ctx.stop or (last ~= "-" and accepts(ctx.socket) and accepts(ctx.stats)) then
+        if ctx.stop or (last ~= "-" and lives(ctx)) then
             ctx.stop = true
             return balancer.set_current_peer(NO_REPLAY)
         end

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mlserve.gateway import Gateway, GatewaySettings, Route
+from mlserve.gateway import Gateway, GatewaySettings, ProjectTraffic, Route
 from mlserve.home import Home
 from tests.harness import free_port
 
@@ -109,13 +109,13 @@ def test_after_a_settings_change_every_fresh_connection_sees_the_new_configurati
     # with the old configuration on fresh connections for a while. Forty reloads make that a near-certain
     # failure.
     monkeypatch.setattr(os, "cpu_count", lambda: 4)  # four workers: more old ones that could linger
-    gateway.apply([], ["alice/projects/p0"])
+    gateway.apply([], [ProjectTraffic("alice/projects/p0")])
     master = gateway.pid()
     _wait_until(lambda: len(_children(master)) == 4)
     for reload in range(1, 41):
         changed = Gateway(gateway.home, dataclasses.replace(gateway.settings, timeout_s=60 + reload))
         projects = [f"alice/projects/p{reload}"]
-        changed.apply([], projects)
+        changed.apply([], [ProjectTraffic(key) for key in projects])
         assert changed.pid() == master  # reloaded, not restarted
         expected = changed.render()[1]
         seen = _generations(gateway, 200)
@@ -125,7 +125,7 @@ def test_after_a_settings_change_every_fresh_connection_sees_the_new_configurati
 
 def test_a_reload_keeps_the_routing_table(gateway, monkeypatch):
     # Between a reload and mlserve's next push, the new workers serve the table from before it.
-    gateway.apply([], ["alice/projects/kept"])
+    gateway.apply([], [ProjectTraffic("alice/projects/kept")])
     changed = Gateway(gateway.home, dataclasses.replace(gateway.settings, timeout_s=61))
     monkeypatch.setattr(changed, "_push", lambda table: None)  # the reload alone
     changed.apply([], [])
@@ -150,12 +150,12 @@ def _kill_master(gateway: Gateway) -> set[int]:
 
 
 def test_apply_after_the_master_was_killed_replaces_its_orphan_workers(gateway):
-    gateway.apply([], ["alice/projects/old"])
+    gateway.apply([], [ProjectTraffic("alice/projects/old")])
     orphans = _kill_master(gateway)
     assert set(gateway.status().orphans) == orphans
     gateway.preflight()  # the port is held by the gateway's own leftovers: not a reason to refuse
 
-    gateway.apply([], ["alice/projects/new"])
+    gateway.apply([], [ProjectTraffic("alice/projects/new")])
     assert not any(_alive(pid) for pid in orphans)
     assert _children(gateway.pid()).isdisjoint(orphans)
     assert set(_generations(gateway, 50)) == {gateway.render()[1]}
@@ -172,7 +172,7 @@ def test_stop_removes_orphan_workers_and_frees_the_port(gateway):
     assert not any(_alive(pid) for pid in orphans)
     with socket.socket() as probe:
         probe.bind((gateway.settings.host, gateway.settings.port))  # free again
-    gateway.apply([], ["alice/projects/again"])  # and the gateway starts again
+    gateway.apply([], [ProjectTraffic("alice/projects/again")])  # and the gateway starts again
     assert _get(gateway, "/serve/alice/projects/again")[0] == 503
 
 
@@ -207,7 +207,7 @@ def test_a_sick_job_and_a_dead_instance_answer_json(gateway):
     gateway.apply([
         Route(sick, "alice/projects/p/1", "alice/projects/p", str(gateway.home.socket(sick)), False),
         Route(dead, "alice/projects/p/2", "alice/projects/p", str(gateway.home.socket(dead)), True),  # no socket
-    ], ["bob/projects/idle"])
+    ], [ProjectTraffic("bob/projects/idle")])
     status, headers, body = _get(gateway, f"/serve/{sick}/predict")
     assert (status, headers["Content-Type"], headers["Retry-After"]) == (503, "application/json", "5")
     assert json.loads(body) == {"error": "job not available", "job": "alice/projects/p/1",

@@ -28,7 +28,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from mlserve.errors import GatewayError
-from mlserve.gateway import Gateway, GatewaySettings, Route, worker_processes
+from mlserve.gateway import Gateway, GatewaySettings, ProjectTraffic, Route, worker_processes
 from mlserve.home import Home
 from tests.harness import free_port, wait_for
 from tests.integration.test_gateway import FakeInstance
@@ -340,7 +340,7 @@ def test_a_keep_alive_client_loses_no_request_across_routing_changes(gateway, in
 def test_an_endpoint_matches_whole_path_segments_only(gateway, instances):
     project, sick = "alice/projects/types", "S" * 22
     no_such = {"error": "no such endpoint"}
-    gateway.apply([], [project])  # known, no job: its own endpoint answers 503
+    gateway.apply([], [ProjectTraffic(project)])  # known, no job: its own endpoint answers 503
     assert _get(gateway, f"/serve/{project}")[0] == 503
     # Names end where a segment does, whatever character follows: one a name may hold, or one it may not.
     for path in (f"/serve/{project}2", f"/serve/{project}2/x", f"/serve/{project}-x", f"/serve/{project}X",
