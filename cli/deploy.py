@@ -97,7 +97,7 @@ class Deployer:
         built = runtime.build(BuildRequest(
             project_dir=project_dir, slug=f"{owner}-{project}", project_key=f"{owner}/projects/{project}",
             env=request.env or config.env, requirements=requirements if (project_dir / requirements).is_file() else None,
-            ca_bundle=request.ca_bundle, report=self.report,
+            ca_bundle=request.ca_bundle, report=self.report, network=network,
         ))
         spec = JobSpec(
             runtime=runtime_name, artifact=built.artifact, project_dir=str(project_dir),

@@ -89,6 +89,26 @@ class Engine:
         with engine_errors(f"starting a container for {what}"):
             return self.client.containers.run(image, detach=True, **options)
 
+    def run_to_end(self, image: str, what: str, timeout: float, **options: Any) -> tuple[int | None, str]:
+        """Run a container until it ends (``None`` as its status after ``timeout`` s: it is killed),
+        then remove it; its exit status and output. On Ctrl-C it is removed, then the interrupt raised."""
+        container = self.run(image, what, **options)
+        try:
+            with engine_errors(what):
+                try:
+                    status: int | None = int(container.wait(timeout=timeout).get("StatusCode", 1))
+                except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):  # timed out
+                    container.kill()
+                    status = None
+                output = container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
+        finally:
+            with engine_errors(f"removing the container of {what}"):
+                try:
+                    container.remove(force=True)
+                except docker.errors.NotFound:
+                    pass
+        return status, output
+
     def ensure_network(self, name: str, options: dict[str, str]) -> None:
         """A bridge network ``name`` with ``options``, created when missing (another command may create
         it at the same moment: that is fine)."""

@@ -32,6 +32,7 @@ class BuildRequest:
     requirements: str | None  # relative to project_dir, when there is one
     ca_bundle: str | None  # --ca-bundle
     report: Callable[[str], None]
+    network: str = "isolated"  # config.NETWORKS: the import check runs on the instances' network
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 from docker.models.containers import Container
 
 from .. import firewall
-from ..builder import ImageBuilder, find_ca_bundle, resolve_base_image
+from ..builder import TAIL_LINES, ImageBuilder, find_ca_bundle, resolve_base_image
 from ..constants import (
     CONTAINER_UID,
     DEFAULT_ENV,
@@ -29,11 +29,13 @@ from ..constants import (
     SOCKET_NAME,
 )
 from ..engine import Engine
+from ..errors import BuildError, BuildInterrupted
 from ..home import Home
 from ..text import log_line
 from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
 
 NETWORK_RECHECK_S = 30.0
+IMPORT_CHECK_TIMEOUT_S = 600
 _NETWORK_MODES = {"none": "none", "open": "default"}  # the isolated network's mode is its name
 KEPT_LOG_LINES = 1000  # of a stopped container, kept in its run dir for `mlserve logs`
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -65,9 +67,38 @@ class DockerRuntime:
         result = builder.build(request.project_dir, f"mlserve/{request.slug}", base, request.requirements,
                                find_ca_bundle(request.ca_bundle), request.project_key)
         request.report(f"Built {result.tag} in {result.seconds:.1f}s ({result.cached}/{result.steps} steps cached)")
+        self._check_import(result.tag, request.network)
         summary = {"image": result.tag, "seconds": round(result.seconds, 2), "steps": result.steps,
                    "cached": result.cached, "context_bytes": result.context_bytes}
         return Built(Artifact(result.tag), summary)
+
+    def _check_import(self, tag: str, network: str) -> None:
+        """Import app.py in the new image as an instance will: the instance's user, a read-only root,
+        no capabilities, the instance's network policy (never this host). An app that does not import
+        fails the run now, with its traceback's tail, rather than a 502 later; its image is untagged
+        (it stays if a serving job runs it: the engine refuses)."""
+        try:
+            status, output = self.engine.run_to_end(
+                tag, "the import check", IMPORT_CHECK_TIMEOUT_S,
+                command=[f"{INSTANCE_VENV}/bin/python", "-m", "mlserve_runtime.check", INSTANCE_APP_DIR],
+                user=f"{CONTAINER_UID}:{CONTAINER_UID}", read_only=True, tmpfs={"/tmp": "rw,size=256m,mode=1777"},
+                cap_drop=["ALL"], security_opt=["no-new-privileges"], environment={"HOME": "/tmp"},
+                **self._network(network),
+            )
+        except KeyboardInterrupt:
+            self.engine.untag(tag)
+            raise BuildInterrupted("build interrupted (Ctrl-C): nothing was started") from None
+        except BaseException:
+            self.engine.untag(tag)
+            raise
+        if status != 0:
+            self.engine.untag(tag)
+            lines = [log_line(line) for line in output.splitlines() if line.strip()]
+            why = next((line for line in reversed(lines) if line.startswith("mlserve: ")), "")
+            raise BuildError(
+                f"app.py did not import in the image{f' ({why[9:]})' if why else ''}"
+                + ("" if status is not None else f": no end after {IMPORT_CHECK_TIMEOUT_S} s"),
+                "The import check's output (tail):\n" + "\n".join(lines[-TAIL_LINES:]))
 
     def discard(self, artifact: Artifact) -> None:
         self.engine.untag(artifact.ref)

@@ -176,15 +176,16 @@ def test_an_empty_project_name_is_refused(mlserve, tmp_path):
 
 
 def test_builds_do_not_pile_up_image_tags(mlserve, docker_client, tmp_path):
+    # The images of the newest 3 versions stay (for `scale --version N`), and those of serving jobs.
     folder = _app(tmp_path, "tags", HELLO)
     tags = []
-    for version in (1, 2, 3):
+    for version in (1, 2, 3, 4, 5):
         (folder / "app.py").write_text(HELLO.replace("VERSION = 1", f"VERSION = {version}"))
         tags.append(mlserve.json("run", "--mode", "serve", cwd=folder)["build"]["image"])
-        if version == 2:
-            mlserve("stop", "1", cwd=folder)  # the first job stops: its image is no longer needed
-    assert len(set(tags)) == 3
-    assert home_images(docker_client, mlserve.home, "tester/projects/tags") == {tags[1], tags[2]}
+        if version > 2:
+            mlserve("stop", str(version - 1), cwd=folder)  # the job before stops (job 1 serves on)
+    assert len(set(tags)) == 5
+    assert home_images(docker_client, mlserve.home, "tester/projects/tags") == {tags[0], tags[2], tags[3], tags[4]}
 
 
 def test_the_supervisor_caps_the_gateways_access_log(mlserve, tmp_path):

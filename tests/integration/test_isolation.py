@@ -59,29 +59,47 @@ def resolve():
 """
 
 
-@pytest.fixture(scope="module")
-def host_listener() -> Iterator[int]:
-    """A TCP listener on every address of this host."""
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("0.0.0.0", free_port()))
-    server.listen(64)
-    stop = threading.Event()
+class Listener:
+    """A TCP listener on every address of this host that counts the connections it accepted."""
 
-    def serve() -> None:
-        server.settimeout(0.5)
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("0.0.0.0", free_port()))
+        self.server.listen(64)
+        self.port = self.server.getsockname()[1]
+        self.accepted = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.5)
+        while not self.stop.is_set():
             try:
-                server.accept()[0].close()
+                self.server.accept()[0].close()
+                self.accepted += 1
             except OSError:
                 continue
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(timeout=5)
-    server.close()
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.server.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    found = Listener()
+    yield found
+    found.close()
+
+
+@pytest.fixture(scope="module")
+def host_listener() -> Iterator[int]:
+    found = Listener()
+    yield found.port
+    found.close()
 
 
 def _host_addresses() -> list[str]:
@@ -166,3 +184,20 @@ def test_an_instance_without_a_network_reaches_nothing(mlserve, docker_client, t
     for address in _host_addresses():
         assert not _reaches(sealed, address, host_listener)
     assert not _resolves(sealed, "pypi.org")
+
+
+def test_the_import_check_runs_as_the_instance_user_and_cannot_reach_this_host(mlserve, tmp_path, listener):
+    # At import: refuse to be root, and try to reach this host (as a build step that runs as root on
+    # the build's network could).
+    folder = tmp_path / "check"
+    folder.mkdir()
+    targets = [(address, listener.port) for address in _host_addresses()]
+    (folder / "app.py").write_text(
+        "import os, socket\n"
+        "if os.getuid() == 0:\n    raise RuntimeError('imported as root')\n"
+        f"for target in {targets!r}:\n"
+        "    try:\n        socket.create_connection(target, 1).close()\n    except OSError:\n        pass\n"
+        "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n")
+    out = mlserve.json("run", "--mode", "serve", cwd=folder)
+    assert requests.get(out["endpoint"], timeout=10).text == "ok"
+    assert listener.accepted == 0  # neither the check nor the instance reached this host
