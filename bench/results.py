@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -41,3 +44,18 @@ class Section:
 
 def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: " + " ".join(str(exc).split())[:300]
+
+
+def run_scenarios(scenarios: list[tuple[str, Callable[[], list[Result]]]]) -> list[Result]:
+    """Each scenario's rows, in order; one that fails becomes a row saying so, and the others still run."""
+    results: list[Result] = []
+    for name, scenario in scenarios:
+        started = time.monotonic()
+        print(f"-- {name}", flush=True)
+        try:
+            results += scenario()
+        except Exception as exc:  # noqa: BLE001 - one scenario failing must not lose the others' numbers
+            traceback.print_exc()
+            results.append(Result(f"{name} (did not complete)", None, "", "-", False, one_line(exc)))
+        print(f"   {time.monotonic() - started:.0f}s", flush=True)
+    return results

@@ -17,7 +17,6 @@ import shutil
 import statistics
 import subprocess
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from urllib.parse import urlsplit
 import docker
 import requests
 from faults import deploy
-from results import BenchError, Result, one_line
+from results import BenchError, Result, run_scenarios
 from sandbox import sandbox
 
 from tests.harness import (
@@ -390,14 +389,4 @@ def routing(client: docker.DockerClient, work: Path) -> list[Result]:
                               lambda r=runner, lb=label, d=disturb: [r(client, work, lb, d)]))
     scenarios.append(("change_is_live", lambda: change_is_live(client, work)))
     scenarios.append(("parallel_scaling", lambda: parallel_scaling(client, work)))
-    results: list[Result] = []
-    for name, scenario in scenarios:
-        started = time.monotonic()
-        print(f"-- {name}", flush=True)
-        try:
-            results += scenario()
-        except Exception as exc:  # noqa: BLE001 - one scenario failing must not lose the others' numbers
-            traceback.print_exc()
-            results.append(Result(f"{name} (did not complete)", None, "", "-", False, one_line(exc)))
-        print(f"   {time.monotonic() - started:.0f}s", flush=True)
-    return results
+    return run_scenarios(scenarios)

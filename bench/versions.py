@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit
 
 import docker
 from faults import deploy
-from results import BenchError, Result, one_line
+from results import BenchError, Result, run_scenarios
 from routing import WRK_CONNECTIONS, GatewayLogs, Wrk, _copy, _log_note
 from sandbox import sandbox
 
@@ -532,14 +531,4 @@ def versions(client: docker.DockerClient, work: Path) -> list[Result]:
             scenarios.append((f"{change.label} ({runner.__name__})", lambda r=runner, c=change: r(client, work, c)))
     scenarios.append(("canary_share", lambda: canary_share(client, work)))
     scenarios.append(("traffic_change_is_live", lambda: traffic_change_is_live(client, work)))
-    results: list[Result] = []
-    for name, scenario in scenarios:
-        started = time.monotonic()
-        print(f"-- {name}", flush=True)
-        try:
-            results += scenario()
-        except Exception as exc:  # noqa: BLE001 - one scenario failing must not lose the others' numbers
-            traceback.print_exc()
-            results.append(Result(f"{name} (did not complete)", None, "", "-", False, one_line(exc)))
-        print(f"   {time.monotonic() - started:.0f}s", flush=True)
-    return results
+    return run_scenarios(scenarios)

@@ -235,18 +235,27 @@ class Load:
         session.mount("http://", HTTPAdapter(max_retries=retry if self.retries else 0))
         while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
             began = time.monotonic()
+            answer = None
             try:
                 answer = session.get(self.url, timeout=self.timeout)
-                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:120].strip()}"
-            except requests.RequestException as exc:
+                failure = self.judge(answer)
+            except (requests.RequestException, ValueError) as exc:
                 failure = f"{type(exc).__name__}: {str(exc)[:160]}"
-            took = time.monotonic() - began
+            ended = time.monotonic()
             with self._lock:
-                self.max_latency = max(self.max_latency, took)
+                self.max_latency = max(self.max_latency, ended - began)
                 if failure:
                     self.failures.append((began - self.started, failure))
                 else:
                     self.ok += 1
+                self.note(began, ended, answer, failure)
+
+    def judge(self, answer: requests.Response) -> str | None:
+        """What is wrong with an answer (None: nothing). Subclasses check more."""
+        return None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:120].strip()}"
+
+    def note(self, began: float, ended: float, answer: requests.Response | None, failure: str | None) -> None:
+        """Called for every request, under the load's lock; subclasses keep what they count."""
 
     def __enter__(self) -> Self:
         self.started = time.monotonic()
@@ -287,29 +296,11 @@ class VersionLoad(Load):
         self.versions: Counter[str] = Counter()
         self.timeline: list[tuple[float, float, str | None, str | None]] = []
 
-    def _loop(self) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
-        session.mount("http://", HTTPAdapter(max_retries=retry if self.retries else 0))
-        while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
-            began = time.monotonic()
-            version = None
-            try:
-                answer = session.get(self.url, timeout=self.timeout)
-                version = answer.headers.get(VERSION_HEADER, "none")
-                failure = None if answer.status_code == 200 else f"{answer.status_code} {answer.text[:120].strip()}"
-            except requests.RequestException as exc:
-                failure = f"{type(exc).__name__}: {str(exc)[:160]}"
-            ended = time.monotonic()
-            with self._lock:
-                self.max_latency = max(self.max_latency, ended - began)
-                self.timeline.append((began, ended, version, failure))
-                if failure:
-                    self.failures.append((began - self.started, failure))
-                else:
-                    self.ok += 1
-                    self.versions[version or "none"] += 1
+    def note(self, began: float, ended: float, answer: requests.Response | None, failure: str | None) -> None:
+        version = answer.headers.get(VERSION_HEADER, "none") if answer is not None else None
+        self.timeline.append((began, ended, version, failure))
+        if not failure:
+            self.versions[version or "none"] += 1
 
     def describe(self) -> str:
         return super().describe() + "; answered by version " + (

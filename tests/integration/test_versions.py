@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from tests.harness import Load, home_images, job_container, labelled_containers, wait_for
 
@@ -132,32 +131,16 @@ class CheckedVersionLoad(Load):
         super().__init__(url, **kwargs)
         self.answers: list[tuple[float, int]] = []
 
-    def _loop(self) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
-        session.mount("http://", HTTPAdapter(max_retries=retry if self.retries else 0))
-        while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
-            began = time.monotonic()
-            version = None
-            try:
-                answer = session.get(self.url, timeout=self.timeout)
-                if answer.status_code != 200:
-                    failure = f"{answer.status_code} {answer.text[:120].strip()}"
-                else:
-                    version = answer.json()["version"]
-                    said = answer.raw.headers.getlist(HEADER)
-                    failure = None if said == [str(version)] else f"{HEADER} {said} from version {version}"
-            except (requests.RequestException, ValueError) as exc:
-                failure = f"{type(exc).__name__}: {str(exc)[:160]}"
-            took = time.monotonic() - began
-            with self._lock:
-                self.max_latency = max(self.max_latency, took)
-                if failure:
-                    self.failures.append((began - self.started, failure))
-                else:
-                    self.ok += 1
-                    self.answers.append((began - self.started, version))
+    def judge(self, answer: requests.Response) -> str | None:
+        if answer.status_code != 200:
+            return f"{answer.status_code} {answer.text[:120].strip()}"
+        version = answer.json()["version"]
+        said = answer.raw.headers.getlist(HEADER)
+        return None if said == [str(version)] else f"{HEADER} {said} from version {version}"
+
+    def note(self, began: float, ended: float, answer: requests.Response | None, failure: str | None) -> None:
+        if answer is not None and not failure:
+            self.answers.append((began - self.started, answer.json()["version"]))
 
     def since(self, at: float) -> collections.Counter[int]:
         """Versions of the answers that began ``at`` (time.monotonic()) or later."""
