@@ -125,11 +125,12 @@ class Deployer:
         its jobs never become healthy, the version and the split are undone and nothing else moved."""
         with self.state.lock():
             before = self.state.traffic(owner, project)
-            same_kind = self._serving(owner, project, fallback=request.fallback)
+            primary = self._serving(owner, project, fallback=False)
+            same_kind = self._serving(owner, project, fallback=True) if request.fallback else primary
             version = self.state.add_version(owner, project, spec, request.fallback)
             split = before
             try:
-                active = Counter(j.version for j in self._serving(owner, project, fallback=False))
+                active = Counter(j.version for j in primary)
                 if request.canary is not None:
                     if not active:
                         raise UsageError(f"--canary: no primary job of {owner}/projects/{project} is running any more")
@@ -185,9 +186,8 @@ class Deployer:
     def _old_artifacts(self, owner: str, project: str, runtime: str) -> list[Artifact]:
         """The project's artifacts on ``runtime``: what may be discarded once no active job and none of the
         newest versions needs it (``_discard_unused`` decides)."""
+        # Every job runs its version's artifact, so the versions name them all.
         candidates = [v.spec.artifact for v in self.state.versions(owner, project) if v.spec.runtime == runtime]
-        candidates += [j.spec.artifact for j in self.state.jobs(owner=owner, project=project)
-                       if not j.active and j.runtime == runtime]
         return list({a.ref: a for a in candidates}.values())
 
     def _discard_unused(self, runtime: Runtime, artifacts: list[Artifact]) -> None:

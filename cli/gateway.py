@@ -216,7 +216,8 @@ class Gateway:
                 versions.setdefault(route.version, [])
                 if route.healthy:
                     versions[route.version].append(route.job_id)
-            primary = {v: len(ids) for v, ids in versions.items() if not any(r.fallback for r in mine if r.version == v)}
+            fallback_versions = {r.version for r in mine if r.fallback}
+            primary = {v: len(ids) for v, ids in versions.items() if v not in fallback_versions}
             fallback = [r.job_id for r in mine if r.fallback and r.healthy]
             pools: list[dict[str, Any]] = [{"version": v, "weight": w, "ready": versions[v]}
                                            for v, w in weights(project.traffic, primary).items()]
