@@ -20,8 +20,9 @@ demo: setup
 	  url=$$(sed -n 's/^URL to project endpoint: //p' "$$log"); \
 	  echo; echo "Try it:  curl -F file=@README.md $$url"
 
-# The browser test drives Debian's chromium through chromium-driver (Selenium).
-BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+# The browser test drives Debian's chromium through chromium-driver (Selenium); certutil (libnss3-tools)
+# makes it trust the gateway's self-signed CA.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver /usr/bin/certutil
 
 test: setup lint $(BROWSER)
 	$(PYTHON) -m pytest -ra tests
@@ -35,7 +36,7 @@ lint: install
 $(BROWSER) &:
 	DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=300
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 \
-	  chromium chromium-driver
+	  chromium chromium-driver libnss3-tools
 
 bench: setup
 	$(PYTHON) bench/run.py

@@ -1,9 +1,10 @@
 """mlserve benchmarks: speed (issue 2), self-healing under load and faults (issue 3), routing without
-reloads (issue 8), and versions and traffic splits (replace, canary, fallback).
+reloads (issue 8), versions and traffic splits (replace, canary, fallback), and the guarded edge (issue 9:
+TLS and tokens, revocations and rate limits under load).
 
 Run with `make bench` (or `python3 bench/run.py`); add `--engine-restart` to also restart the
 Docker engine (it disturbs every container on the machine, so it is off by default). `--only SECTION`
-(repeatable) runs some sections only: speed, healing, routing, versions, or efficiency (the gateway
+(repeatable) runs some sections only: speed, healing, routing, versions, edge, or efficiency (the gateway
 efficiency rows of the speed section alone; the section's other rows are carried over). Everything
 goes to loopback, bounded in time. Prints the tables and writes bench/RESULTS.md with the machine
 it ran on. Ratios are measured in one run, interleaved, because these machines are shared and noisy.
@@ -26,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import docker
+import edge
+import report
 import routing
 import versions
 from faults import self_healing
@@ -34,6 +37,10 @@ from results import Section
 from speed import WRK_CONNECTIONS, WRK_ROUNDS, WRK_SECONDS, efficiency, speed
 
 from mlserve.constants import LABEL_HOME
+
+# report.TITLES orders RESULTS.md's sections and names the ones it keeps; the edge section comes last.
+if edge.EDGE not in report.TITLES:
+    report.TITLES = (*report.TITLES, edge.EDGE)
 
 
 def _others(client: docker.DockerClient, homes: set[str]) -> int:
@@ -48,11 +55,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-restart", action="store_true",
                         help="also restart the Docker engine (disturbs every container on this machine)")
-    parser.add_argument("--only", action="append", choices=["speed", "healing", "routing", "versions", "efficiency"],
+    parser.add_argument("--only", action="append",
+                        choices=["speed", "healing", "routing", "versions", "edge", "efficiency"],
                         help="run this section only; repeat for several (efficiency: the gateway efficiency "
                              "rows of the speed section)")
     args = parser.parse_args()
-    only = set(args.only or ["speed", "healing", "routing", "versions"])
+    only = set(args.only or ["speed", "healing", "routing", "versions", "edge"])
 
     client = docker.from_env()
     work = Path(tempfile.mkdtemp(prefix="mlbench"))
@@ -72,6 +80,8 @@ def main() -> int:
             sections.append(Section(ROUTING, routing.routing(client, work)))
         if "versions" in only:
             sections.append(Section(VERSIONS, versions.versions(client, work)))
+        if "edge" in only:
+            sections.append(Section(edge.EDGE, edge.edge(client, work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
@@ -92,6 +102,11 @@ def main() -> int:
                      f"{versions.CANARY_REQUESTS} GETs from {versions.SESSION_THREADS} keep-alive sessions for the "
                      f"canary share; one GET on keep-alive connections held on every gateway worker plus "
                      f"{versions.FRESH_CONNECTIONS} on fresh connections after each `traffic`")
+    if "edge" in only:
+        loads.append(f"for the edge, wrk -t2 -c{WRK_CONNECTIONS} -d{WRK_SECONDS}s (x{WRK_ROUNDS} each way, "
+                     f"interleaved) with a bearer token, plain HTTP against HTTPS; then over HTTPS "
+                     f"{edge.SESSION_THREADS} threads of a requests.Session (token B, max_retries=0) beside one "
+                     f"session each for the revoked token, the newly limited project and the new token")
     context = (
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', started)} on {machine_line}.\n\n"
         f"Load: {'; '.join(loads)}; loopback only, every load bounded in time. "

@@ -22,6 +22,7 @@ from .constants import (
     HEALTH_TIMEOUT_S,
 )
 from .errors import ProjectConfigError, UsageError
+from .guard import ACCESS, Cors, RateLimit, origin, rate_limit
 from .links import link_problem
 
 CONFIG_NAME = "mlserve.yml"
@@ -105,6 +106,7 @@ class Limits:
     cpus: float = 2.0
     pids: int = 512
     tmp_bytes: int = 256 << 20
+    output_bytes: int = 1 << 30  # the size of /output, a filesystem of its own (quota.py)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ LIMIT_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "cpus": ("cpus", positive(number)),
     "pids": ("pids", whole(1)),
     "tmp": ("tmp_bytes", lambda v: int(positive(size_bytes)(v))),
+    "output": ("output_bytes", lambda v: int(positive(size_bytes)(v))),
 }
 HEALTH_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "path": ("path", _health_path),
@@ -162,6 +165,9 @@ class ProjectConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     requirements: str | None = None
     network: str = "isolated"
+    access: str | None = None  # public | token; None: as the gateway (public on loopback, token when open)
+    rate: RateLimit | None = None  # limits: {rate, burst}: the whole project's request rate at the gateway
+    cors: Cors | None = None
 
 
 # What an instance may reach: the internet but not this host, private ranges, the metadata address or
@@ -173,6 +179,35 @@ def network(value: object) -> str:
     if value not in NETWORKS:
         raise ValueProblem(f"one of {', '.join(NETWORKS)}")
     return str(value)
+
+
+def access(value: object) -> str:
+    if value not in ACCESS:
+        raise ValueProblem(f"one of {', '.join(ACCESS)}")
+    return str(value)
+
+
+def _cors(value: object) -> Cors:
+    if not isinstance(value, dict) or set(value) != {"origins"} or not isinstance(value["origins"], list):
+        raise ValueProblem("a mapping with one key, origins: a list such as [https://app.example.com]")
+    try:
+        return Cors(tuple(origin(item) for item in value["origins"]))
+    except ValueError as exc:
+        raise ValueProblem(f"a mapping with origins: a list of origins ({exc})") from None
+
+
+def _rate(limits: object) -> RateLimit | None:
+    """``rate`` and ``burst`` of the limits section (popped from it). Raises ValueProblem."""
+    assert isinstance(limits, dict)
+    rate, burst = limits.pop("rate", None), limits.pop("burst", None)
+    if rate is None:
+        if burst is not None:
+            raise ValueProblem("given with a rate: limits: {rate: 50/s, burst: 100}")
+        return None
+    try:
+        return rate_limit(rate, burst)
+    except ValueError as exc:
+        raise ValueProblem(str(exc)) from None
 
 
 def _text(value: object) -> str:
@@ -243,6 +278,8 @@ TOP_LEVEL: dict[str, Callable[[object], Any]] = {
     "options": _options,
     "requirements": _text,
     "network": network,
+    "access": access,
+    "cors": _cors,
 }
 
 
@@ -262,7 +299,7 @@ def load_config(project_dir: Path) -> ProjectConfig:
         raise ProjectConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ProjectConfigError(f"{path} must be a mapping of settings, not {type(raw).__name__}")
-    known = sorted([*TOP_LEVEL, "limits", "health"])
+    known = sorted([*TOP_LEVEL, "limits", "health"])  # limits holds rate and burst too (the gateway's)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
@@ -270,6 +307,9 @@ def load_config(project_dir: Path) -> ProjectConfig:
         if value is None:
             continue
         if key == "limits":
+            if isinstance(value, dict):
+                value = dict(value)
+                values["rate"] = _checked(path, "limits.rate", value, _rate)
             values["limits"] = _section(path, key, value, LIMIT_KEYS, Limits())
         elif key == "health":
             values["health"] = _section(path, key, value, HEALTH_KEYS, HealthPolicy())

@@ -13,6 +13,7 @@ DEFAULT_BODY_LIMIT_MB = 100
 DEFAULT_TIMEOUT_S = 60
 DEFAULT_GATEWAY_PORT = 8000
 DEFAULT_GATEWAY_HOST = "127.0.0.1"
+GATEWAY_USER = "mlserve-gateway"  # user and group of nginx's workers under root: they reach the sockets (privileges.py)
 DEFAULT_LOG_FILE_MAX_BYTES = 1 << 30
 KEEP_VERSIONS = 3  # a project's newest versions whose images are kept after their jobs stop (for rollbacks)
 

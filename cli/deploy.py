@@ -11,7 +11,9 @@ from typing import Any
 from . import daemons
 from .config import flag_max_runtime_s, load_config
 from .constants import DEFAULT_WORKERS, KEEP_VERSIONS
+from .edge import check_open_to_anyone
 from .errors import JobNotFoundError, UsageError
+from .guard import Guard
 from .instances import Instances
 from .platform import Platform
 from .project import default_project_name, parse_data_mount, validate_project_name
@@ -39,6 +41,7 @@ class RunRequest:
     fallback: bool = False  # the version takes traffic only when no primary version can
     allow_data_outside: bool = False  # mlserve.yml's data may name folders outside the project
     network: str | None = None  # --network: wins over mlserve.yml's, and alone may open the network
+    access: str | None = None  # --access: wins over mlserve.yml's
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Deployment:
     traffic: Traffic  # the project's split after the run
     build: dict[str, Any]
     replaced: list[Job] = field(default_factory=list)
+    access: str = "public"  # who may call the project now: public | token
 
 
 class Deployer:
@@ -80,6 +84,8 @@ class Deployer:
                    for spec in config.data]
         _check_unique_mounts(mounts)
         network = _network(request.network, config.network)
+        guard = Guard(request.access or config.access, config.rate, config.cors)
+        check_open_to_anyone(self.platform, [(f"{owner}/projects/{project}", guard)])
         max_runtime_s = flag_max_runtime_s(request.max_runtime, config)
         requirements = config.requirements or "requirements.txt"
         # A project stays on the runtime its jobs run on: a brief engine outage must not move it.
@@ -107,7 +113,7 @@ class Deployer:
         )
         try:
             with self.state.project_lock(owner, project):
-                version, jobs, replaced = self._start_version(owner, project, spec, request)
+                version, jobs, replaced = self._start_version(owner, project, spec, request, guard)
         except BaseException:
             self._discard_unused(runtime, [built.artifact])  # an image no job runs is a leftover
             raise
@@ -116,14 +122,18 @@ class Deployer:
         key = f"{owner}/projects/{project}"
         return Deployment(jobs, {j.id: self.platform.endpoint(j.id) for j in jobs}, self.platform.project_endpoint(key),
                           version.number, self.platform.version_endpoint(key, version.number),
-                          self.state.traffic(owner, project), built.summary, replaced)
+                          self.state.traffic(owner, project), built.summary, replaced,
+                          guard.effective_access(self.platform.gateway.settings.loopback))
 
-    def _start_version(self, owner: str, project: str, spec: JobSpec,
-                       request: RunRequest) -> tuple[Version, list[Job], list[Job]]:
+    def _start_version(self, owner: str, project: str, spec: JobSpec, request: RunRequest,
+                       guard: Guard) -> tuple[Version, list[Job], list[Job]]:
         """Record the new version and start its jobs (a canary's share set first: a version without a
-        healthy job takes nothing). With --replace, then stop the jobs of the kind it replaces. If
-        its jobs never become healthy, the version and the split are undone and nothing else moved."""
+        healthy job takes nothing; the project's guard set first: no request passes the old one to the
+        new version). With --replace, then stop the jobs of the kind it replaces. If its jobs never
+        become healthy, the version, the split and the guard are undone and nothing else moved."""
         with self.state.lock():
+            guard_before = self.state.guard(owner, project)
+            self.state.set_guard(owner, project, guard)
             before = self.state.traffic(owner, project)
             primary = self._serving(owner, project, fallback=False)
             same_kind = self._serving(owner, project, fallback=True) if request.fallback else primary
@@ -145,12 +155,14 @@ class Deployer:
                 jobs = self.instances.reserve(version, count)
             except BaseException:
                 self._forget(version, before, split)
+                self._restore_guard(owner, project, guard_before, guard)
                 raise
         try:
             self.instances.launch(jobs)
         except BaseException:
             with self.state.lock():
                 self._forget(version, before, split)
+                self._restore_guard(owner, project, guard_before, guard)
                 self.instances.reroute_after_error()
             raise
         if not request.replace:
@@ -176,6 +188,12 @@ class Deployer:
             self.state.delete_version(owner, project, version.number)
         else:
             self.state.forget_versions_without_jobs()  # its jobs are gone: it goes, and its share
+
+    def _restore_guard(self, owner: str, project: str, before: Guard, mine: Guard) -> None:
+        """A failed run's guard goes back, unless an `access` command changed it meanwhile. The caller
+        holds the state lock."""
+        if self.state.guard(owner, project) == mine:
+            self.state.set_guard(owner, project, before)
 
     def _serving(self, owner: str, project: str, fallback: bool) -> list[Job]:
         """The project's active jobs (not stopping) of primary versions, or of fallback versions."""

@@ -11,29 +11,34 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from mlserve_runtime.logfile import truncate_if_large
 
-from .constants import ENDPOINT_ID_LENGTH, STATS_SOCKET_NAME
+from . import tls
+from .constants import ENDPOINT_ID_LENGTH, GATEWAY_USER, STATS_SOCKET_NAME
 from .errors import GatewayError, GatewayPortInUseError, NginxNotInstalledError
 from .home import Home
 from .host import find_program
+from .privileges import prepare_gateway
 from .render import render
 from .traffic import Traffic, weights
 
 CONFIG_NAME = "nginx.conf"
+LUA_MODULES = ("mlserve_router.lua", "mlserve_guard.lua")  # templates/lua: the router and what it guards with
 STATS_NAME = Path(STATS_SOCKET_NAME).name  # beside each instance's socket: its uWSGI master's alone
 ROUTES_NAME = "routes.json"  # the last routing table pushed (what `gateway status` counts)
 CONTROL_SOCKET = "control.sock"
@@ -54,15 +59,39 @@ PROJECT_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_-]*/projects/[a-z0-9][a-z0-9_-]*")
 JOB_NAME_RE = re.compile(rf"{PROJECT_KEY_RE.pattern}/[0-9]+")
 JOB_ID_RE = re.compile(rf"[A-Za-z0-9]{{{ENDPOINT_ID_LENGTH}}}")
 PATH_RE = re.compile(r"(/[A-Za-z0-9_.@+~-]+)+")
-HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+# scheme://host[:port][/path], nothing nginx.conf could read as the end of a string or directive.
+PUBLIC_URL_RE = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~-]+)*")
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    host: str
+    host: str  # an IP address; 0.0.0.0 or :: for all of this machine's
     port: int
     body_limit_mb: int
     timeout_s: int
+    tls: bool = False  # serve HTTPS with the certificate in gateway/tls (plain HTTP is redirected)
+    public_url: str | None = None  # how clients reach the gateway (a proxy, a DNS name), if not host:port
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def url(self) -> str:
+        """The base of every endpoint mlserve prints."""
+        if self.public_url:
+            return self.public_url
+        address = ipaddress.ip_address(self.host)
+        name = socket.getfqdn() if address.is_unspecified else self.host
+        return f"{'https' if self.tls else 'http'}://{f'[{name}]' if ':' in name else name}:{self.port}"
+
+    @property
+    def local_address(self) -> str:
+        """Where mlserve itself reaches the gateway on this machine."""
+        address = ipaddress.ip_address(self.host)
+        if address.is_unspecified:
+            return "::1" if address.version == 6 else "127.0.0.1"
+        return self.host
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,7 @@ class ProjectTraffic:
     key: str  # owner/projects/project
     traffic: Traffic = Traffic()
     latest: int = 0  # the newest version number: a higher one is unknown (404), a lower one may return
+    guard: Mapping[str, Any] = field(default_factory=lambda: {"access": "public"})  # guard.guard_table()
 
 
 @dataclass(frozen=True)
@@ -105,8 +135,9 @@ def worker_processes() -> int:
 
 
 def nginx_user() -> str | None:
-    # Started as root, nginx would run its workers as nobody, who may not reach the sockets and logs.
-    return "root" if os.geteuid() == 0 else None
+    # Started as root, nginx runs its workers, which face the network, as the gateway's own user and
+    # group: they reach the instances' sockets and nothing else (privileges.py). Not root, the caller's.
+    return f"{GATEWAY_USER} {GATEWAY_USER}" if os.geteuid() == 0 else None
 
 
 class Gateway:
@@ -121,7 +152,7 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.port}"
+        return self.settings.url
 
     # -- finding nginx and the port ------------------------------------------------------------
 
@@ -145,19 +176,27 @@ class Gateway:
             self._check_port()
 
     def _check_port(self) -> None:
-        with socket.socket() as probe:
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        with socket.socket(family) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((self.settings.host, self.settings.port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise self._port_in_use() from None
-                raise GatewayError(f"cannot listen on {self.settings.host}:{self.settings.port}: {exc}") from None
+                hint = ("Listen on one of this machine's addresses (`ip -br addr`), or 0.0.0.0 for all of them."
+                        if exc.errno == errno.EADDRNOTAVAIL else None)
+                raise GatewayError(f"cannot listen on {self._address}: {exc.strerror or exc}", hint) from None
+
+    @property
+    def _address(self) -> str:
+        """host:port as nginx writes it (an IPv6 address in brackets)."""
+        host = self.settings.host
+        return f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
 
     def _port_taken(self, nginx_stderr: str) -> bool:
         """Whether nginx failed to bind our TCP port (not, say, the control socket)."""
-        return any("Address already in use" in line and f"{self.settings.host}:{self.settings.port}" in line
-                   for line in nginx_stderr.splitlines())
+        return any("Address already in use" in line and self._address in line for line in nginx_stderr.splitlines())
 
     def _port_in_use(self) -> GatewayPortInUseError:
         port = self.settings.port
@@ -179,14 +218,14 @@ class Gateway:
         self._check_settings()
         router = resources.files("mlserve.templates") / "lua"
         context = dict(
-            dir=str(self.dir), host=self.settings.host, port=self.settings.port,
+            dir=str(self.dir), listen=self._address, tls=self._tls_context(),
             body_limit_mb=self.settings.body_limit_mb, timeout_s=self.settings.timeout_s,
             worker_processes=worker_processes(), user=nginx_user(), modules=lua_modules(),
             lua_path=f"{router}/?.lua;{LUA_PATH}/?.lua;;", control=str(self.dir / CONTROL_SOCKET),
         )
         _require(PATH_RE, str(router), "router folder")
         body = render("nginx.conf.j2", generation="GENERATION", **context)
-        code = (router / "mlserve_router.lua").read_bytes()
+        code = b"".join((router / name).read_bytes() for name in LUA_MODULES)
         generation = hashlib.sha256(body.encode() + code).hexdigest()[:16]
         return body.replace("GENERATION", generation), generation
 
@@ -204,8 +243,9 @@ class Gateway:
         keys = sorted(set(known) | {r.project_key for r in routes})
         self._check_routes(routes, keys)
         table: dict[str, Any] = {
-            "jobs": {r.job_id: {"name": r.name, "socket": r.socket, "stats": str(Path(r.socket).parent / STATS_NAME),
-                                "ready": r.healthy, "version": r.version} for r in routes},
+            "jobs": {r.job_id: {"name": r.name, "project": r.project_key, "socket": r.socket,
+                                "stats": str(Path(r.socket).parent / STATS_NAME), "ready": r.healthy,
+                                "version": r.version} for r in routes},
             "projects": {},
         }
         for key in keys:
@@ -229,12 +269,18 @@ class Gateway:
                 "versions": {str(v): ids for v, ids in versions.items()},
                 "latest": max([project.latest, *versions]),
                 "sticky": project.traffic.sticky,
+                "guard": dict(project.guard),
             }
         return table
 
     def _check_settings(self) -> None:
         _require(PATH_RE, str(self.dir), "gateway directory (MLSERVE_HOME)")
-        _require(HOST_RE, self.settings.host, "gateway host")
+        try:
+            ipaddress.ip_address(self.settings.host)
+        except ValueError:
+            raise GatewayError(f"refusing to render the gateway: host {self.settings.host!r:.100} is not an IP address") from None
+        if self.settings.public_url is not None:
+            _require(PUBLIC_URL_RE, self.settings.public_url, "public URL")
         for value, what in ((self.settings.port, "port"), (self.settings.body_limit_mb, "body limit"),
                             (self.settings.timeout_s, "timeout")):
             if type(value) is not int or value < 1:
@@ -285,9 +331,9 @@ class Gateway:
         self._push(table)
 
     def _configure(self, nginx: str, text: str, generation: str, master: int | None) -> None:
-        candidate = self._checked(nginx, text)
         if master is not None and self._listen_line() not in self.config.read_text():
-            self._check_port()  # a new port: nginx would fail to bind it only after the reload
+            self._check_port()  # a new address: nginx would fail to bind it only after the reload
+        candidate = self._checked(nginx, text)
         candidate.replace(self.config)
         old_workers = self._reload(master) if master is not None else None
         if old_workers is None:
@@ -320,13 +366,29 @@ class Gateway:
         return table if isinstance(table, dict) else {"jobs": {}, "projects": {}}
 
     def _listen_line(self) -> str:
-        return f"listen {self.settings.host}:{self.settings.port} "
+        return f"listen {self._address} "
+
+    def _tls_context(self) -> dict[str, str] | None:
+        """The certificate nginx serves and where plain HTTP is sent instead; None without TLS."""
+        if not self.settings.tls:
+            return None
+        files = tls.installed(self.dir)
+        for path, what in ((files.cert, "TLS certificate"), (files.key, "TLS key")):
+            _require(PATH_RE, str(path), what)
+            if not path.exists():
+                raise GatewayError(f"the gateway's {what} {path} is missing",
+                                   "Start it again with `mlserve gateway start --tls self-signed` or --tls-cert/--tls-key.")
+        # A plain-HTTP request is sent to the same path over HTTPS: at the public URL when there is one,
+        # else at the name the client used (nginx has checked it is a host name) on this port.
+        base = self.settings.public_url or "https://$host:$server_port"
+        return {"cert": str(files.cert), "key": str(files.key), "redirect": base}
 
     def _checked(self, nginx: str, text: str) -> Path:
         """``text`` written beside the configuration once ``nginx -t`` accepts it."""
-        for folder in ("tmp/body", "tmp/uwsgi", "tmp/proxy", "tmp/fastcgi", "tmp/scgi"):
-            (self.dir / folder).mkdir(parents=True, exist_ok=True)
         candidate = self.dir / f"{CONFIG_NAME}.new"
+        # The workers' own folders to spool in; what nginx and mlserve write here is root's alone.
+        prepare_gateway(self.home.root, self.dir, ("tmp/body", "tmp/uwsgi", "tmp/proxy", "tmp/fastcgi", "tmp/scgi"),
+                        private_files=(*LOG_NAMES, ROUTES_NAME, candidate.name))
         candidate.write_text(text)
         check = self._nginx(nginx, "-t", "-c", str(candidate))
         if check.returncode != 0:
@@ -383,7 +445,9 @@ class Gateway:
 
     def _generation(self) -> str | None:
         """What a fresh connection is answered; None when nothing answers. No proxy: it is loopback."""
-        connection = http.client.HTTPConnection(self.settings.host, self.settings.port, timeout=2)
+        host, port = self.settings.local_address, self.settings.port
+        connection = (http.client.HTTPSConnection(host, port, timeout=2, context=_UNVERIFIED)
+                      if self.settings.tls else http.client.HTTPConnection(host, port, timeout=2))
         try:
             connection.request("GET", "/_mlserve/generation")
             return connection.getresponse().read().decode(errors="replace").strip()
@@ -463,6 +527,10 @@ def lua_modules() -> tuple[str, ...]:
     if missing or not os.path.exists(f"{LUA_PATH}/resty/core.lua"):
         raise NginxNotInstalledError("the gateway needs nginx's Lua module (its router)", LUA_HINT)
     return NGINX_MODULES
+
+
+# Only for reading the generation from our own nginx, on this machine: no secret goes over it.
+_UNVERIFIED = ssl._create_unverified_context()
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .constants import SOCKET_NAME
+from .privileges import gateway_group, seal_home
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,9 @@ class Home:
         root = Path(os.environ.get("MLSERVE_HOME") or Path.home() / ".mlserve").expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         # Private: sockets, the state and the instances' stats (which show requests in flight) are in here.
-        # Containers reach their folders through bind mounts, not through this path.
-        if root.stat().st_uid == os.geteuid():
-            root.chmod(0o700)
+        # Containers reach their folders through bind mounts, not through this path; under root, the
+        # gateway's workers pass through it to the sockets (privileges.py).
+        seal_home(root, gateway_group())
         return cls(root)
 
     @property

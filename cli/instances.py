@@ -22,9 +22,12 @@ from .constants import DEFAULT_LOG_FILE_MAX_BYTES, DRAIN_GRACE_S, ENDPOINT_ID_LE
 from .errors import JobStartError, MlserveError
 from .health import wait_healthy
 from .platform import Platform
+from .privileges import share_sockets
 from .project import check_data_source
+from .quota import OutputVolume
 from .routing import Router
 from .runtimes import InstanceSpec, UwsgiSettings
+from .secrets import Secrets
 from .state import Job, Version
 
 BASE62 = string.digits + string.ascii_letters
@@ -96,7 +99,9 @@ class Instances:
         run_dir, output_dir, socket_dir = home.run_dir(job.id), home.output_dir(job.id), home.socket(job.id).parent
         for path in (run_dir, socket_dir, output_dir):
             path.mkdir(parents=True, exist_ok=True)
+        OutputVolume.of(home, job.id).mount(spec.limits.output_bytes)  # /output: a filesystem of the limit's size
         runtime.prepare(socket_dir, output_dir)  # the instance writes only these two
+        share_sockets(run_dir, socket_dir)  # the gateway's workers reach the sockets, nothing else here
         for mount in spec.mounts:  # a data folder may have become a link to somewhere else since the run
             check_data_source(Path(mount.source).resolve(), home.root)
         view = runtime.view(spec.artifact, run_dir, output_dir, spec.mounts)
@@ -113,8 +118,10 @@ class Instances:
             "workers": spec.workers,
         }
         (run_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        # Secrets are read now, at each start: never part of the job spec (it is stored in the state).
         env = {
             **dict(spec.env_vars),
+            **Secrets(home, job.owner, job.project).environment(),
             "MLSERVE_APP_DIR": view.app_dir,
             "MLSERVE_JOB": job.name,
             "MLSERVE_ENDPOINT_ID": job.id,
@@ -163,7 +170,7 @@ class Instances:
                 self.reroute_after_error()
             for job in jobs:
                 shutil.rmtree(self.platform.home.run_dir(job.id), ignore_errors=True)
-                shutil.rmtree(self.platform.home.output_dir(job.id), ignore_errors=True)
+                OutputVolume.of(self.platform.home, job.id).delete()  # unmounted first, then its folder and image
 
     def reroute_after_error(self) -> None:
         """Apply the routes while cleaning up after an error: that error is the one to show, so the
@@ -201,6 +208,8 @@ class Instances:
         if drain and self.platform.gateway.is_running():
             time.sleep(DRAIN_GRACE_S)
         self._stop_instances(jobs, timeout=self.platform.gateway.settings.timeout_s + 5)
+        for job in jobs:  # a stopped job's output stays, in its image; it holds no loop device
+            OutputVolume.of(self.platform.home, job.id).unmount()
         now = time.time()
         with self.state.lock():
             for job in jobs:

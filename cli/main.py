@@ -15,13 +15,17 @@ import click
 from . import __version__, daemons
 from .config import NETWORKS, load_config
 from .deploy import Deployer, RunRequest
+from .edge import ALLOW_UNAUTHENTICATED, TLS_MODES, GatewayOptions, start_gateway
+from .access import Access
 from .errors import MlserveError, UsageError
+from .guard import ACCESS
 from .instances import Instances
 from .lookup import folder_project, resolve
 from .platform import RUNTIMES, Platform
 from .project import validate_project_name
 from .reconcile import Reconciler
 from .routing import Router
+from .secrets import Secrets, check_name, read_value
 from .traffic import Traffic
 from .versions import Split, VersionView, set_traffic, split
 from .views import status_views
@@ -133,11 +137,14 @@ def validate(directory: Path) -> None:
 @click.option("--network", type=click.Choice(NETWORKS),
               help="What instances may reach (default isolated: the internet only; mlserve.yml's `network:` may "
                    "ask for none, and open only with this flag).")
+@click.option("--access", type=click.Choice(ACCESS),
+              help="Who may call the project: public (anyone) or token (default: mlserve.yml's `access:`, else "
+                   "public while the gateway listens on loopback only and token once it is open).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, workers: int | None,
         runtime: str | None, ca_bundle: str | None, as_json: bool, max_runtime: str | None, follow: bool,
         replace: bool, canary: int | None, fallback: bool, allow_data_outside: bool, network: str | None,
-        command: tuple[str, ...]) -> None:
+        access: str | None, command: tuple[str, ...]) -> None:
     """Validate app.py here, build an image and serve it as a new version of the project, behind a
     unique endpoint, the project's endpoint and the version's endpoint."""
     if mode != "serve":
@@ -149,14 +156,14 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
         )
     platform = _revived(quiet=as_json)
     deployment = Deployer(platform).run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime,
-                                                   replace, canary, fallback, allow_data_outside, network))
+                                                   replace, canary, fallback, allow_data_outside, network, access))
     job = deployment.jobs[0]
     if as_json:
         _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],
                     "project_endpoint": deployment.project_endpoint, "runtime": job.runtime, "build": deployment.build,
                     "version": deployment.version, "version_endpoint": deployment.version_endpoint,
                     "jobs": [{"job": j.name, "id": j.id, "endpoint": deployment.endpoints[j.id]} for j in deployment.jobs],
-                    "replaced": [j.name for j in deployment.replaced]})
+                    "replaced": [j.name for j in deployment.replaced], "access": deployment.access})
     else:
         for other in deployment.jobs[1:]:
             click.echo(f"Also started {other.name}: {deployment.endpoints[other.id]}")
@@ -165,7 +172,11 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
         click.echo(f"URL to project endpoint: {deployment.project_endpoint}")
         click.echo(f"URL to version endpoint: {deployment.version_endpoint} (version {deployment.version})")
         click.echo(_version_traffic(deployment.version, fallback, deployment.traffic))
-        click.echo(f"\nTry: curl -F file=@<your file> {deployment.project_endpoint}")
+        if deployment.access == "token":
+            click.echo(f"Access: a bearer token is required (`mlserve token create --project {job.project}`).")
+            click.echo(f"\nTry: curl -H 'Authorization: Bearer <token>' -F file=@<your file> {deployment.project_endpoint}")
+        else:
+            click.echo(f"\nTry: curl -F file=@<your file> {deployment.project_endpoint}")
     if follow:
         for line in platform.runtime(job.runtime).logs(job.id, job.handle, follow=True, tail=None):
             click.echo(line)
@@ -402,38 +413,117 @@ def stop(jobs: tuple[str, ...], project: str | None, stop_all: bool) -> None:
 
 
 @cli.group()
+def secret() -> None:
+    """Manage a project's secrets: environment variables its instances get, never in an image or output."""
+
+
+_secret_project = click.option("--project", help="The project (default: this folder's).")
+_RUNNING_JOBS_KEEP = ("jobs running now keep the environment they started with until they are replaced "
+                      "(`mlserve run --replace`).")
+
+
+def _secrets(project: str | None) -> Secrets:
+    platform = _platform()
+    return Secrets(platform.home, platform.owner, _project_or_folder(project))
+
+
+@secret.command("set")
+@click.argument("name")
+@_secret_project
+def secret_set(name: str, project: str | None) -> None:
+    """Set secret NAME of the project to the value read from stdin (one trailing newline is dropped):
+    `echo "$TOKEN" | mlserve secret set API_TOKEN`. Asks for it, hidden, when stdin is a terminal."""
+    store = _secrets(project)
+    check_name(name)  # before waiting for a value
+    stdin = click.get_binary_stream("stdin")
+    raw = (click.prompt(f"Value of {name}", hide_input=True, err=True).encode() if stdin.isatty()
+           else read_value(stdin))
+    replaced = store.set(name, raw)
+    click.echo(f"Secret {name} {'updated' if replaced else 'set'} for {store.project_key}.")
+    click.echo(f"Jobs started from now on get it (`mlserve run`, `mlserve scale`); {_RUNNING_JOBS_KEEP}")
+
+
+@secret.command("list")
+@_secret_project
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def secret_list(project: str | None, as_json: bool) -> None:
+    """List the project's secrets by name, with when each was set (never their values)."""
+    store = _secrets(project)
+    secrets = store.list_all()
+    if as_json:
+        _emit_json([s.as_dict() for s in secrets])
+    elif not secrets:
+        click.echo(f"{store.project_key} has no secrets (`mlserve secret set NAME` adds one).")
+    else:
+        now = time.time()
+        _table([[s.name, _ago(now - s.set_at) + " ago"] for s in secrets], ["NAME", "SET"])
+
+
+@secret.command("delete")
+@click.argument("name")
+@_secret_project
+def secret_delete(name: str, project: str | None) -> None:
+    """Delete secret NAME of the project."""
+    store = _secrets(project)
+    store.delete(name)
+    click.echo(f"Secret {name} deleted from {store.project_key}.")
+    click.echo(f"Jobs started from now on do not get it; {_RUNNING_JOBS_KEEP}")
+
+
+@cli.group()
 def gateway() -> None:
     """Manage the nginx gateway."""
 
 
 @gateway.command("start")
+@click.option("--host", metavar="ADDR",
+              help="Listen on this address (default 127.0.0.1; 0.0.0.0 for every address of this machine). "
+                   "Beyond loopback it needs TLS.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port to listen on (default 8000).")
+@click.option("--public-url", metavar="URL",
+              help="How clients reach the gateway (a DNS name, a proxy); every endpoint mlserve prints starts "
+                   "with it. '' forgets it.")
+@click.option("--tls", "tls_mode", type=click.Choice(TLS_MODES),
+              help="self-signed: a certificate for this machine's names and addresses, from a local CA whose "
+                   "file is printed; off: plain HTTP (loopback only).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="Your certificate (PEM, with its chain).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="Its private key (PEM).")
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Serve projects that say `access: public` to anyone on the network (off the network they "
+                   "are public anyway).")
 @click.option("--body-limit", type=click.IntRange(1), help="Largest request body in MB (default 100).")
 @click.option("--timeout", type=click.IntRange(1), help="Request timeout in seconds (default 60).")
-def gateway_start(port: int | None, body_limit: int | None, timeout: int | None) -> None:
-    """Start (or reconfigure) the gateway, with routes from the state."""
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: url, ca_file.")
+def gateway_start(host: str | None, port: int | None, public_url: str | None, tls_mode: str | None,
+                  tls_cert: Path | None, tls_key: Path | None, allow_unauthenticated: bool, body_limit: int | None,
+                  timeout: int | None, as_json: bool) -> None:
+    """Start (or reconfigure) the gateway, with routes from the state.
+
+    \b
+    Open it to the network with TLS; projects then need tokens unless they
+    say `access: public` and you pass --allow-unauthenticated:
+      mlserve gateway start --host 0.0.0.0 --tls self-signed
+      mlserve token create --project hello
+    """
     env_port = os.environ.get("MLSERVE_GATEWAY_PORT")
     if port is not None and env_port and env_port != str(port):
         raise UsageError(f"MLSERVE_GATEWAY_PORT={env_port} is set and decides the port, not --port {port}",
                          "Unset MLSERVE_GATEWAY_PORT, or set it to the port you want.")
-    platform = _platform()
-    changes = {"gateway.port": port, "gateway.body_limit_mb": body_limit, "gateway.timeout_s": timeout}
-    with platform.state.lock():
-        before = {key: platform.state.get_setting(key) for key in changes}
-        for key, value in changes.items():
-            if value is not None:
-                platform.state.set_setting(key, str(value))
-        try:
-            Router(platform).apply(start=True)
-        except MlserveError:
-            for key, old in before.items():  # a gateway that cannot start keeps its old settings
-                if old is None:
-                    platform.state.delete_setting(key)
-                else:
-                    platform.state.set_setting(key, old)
-            raise
+    platform = _platform(quiet=as_json)
+    started = start_gateway(platform, GatewayOptions(host, port, body_limit, timeout, public_url, tls_mode, tls_cert,
+                                                     tls_key, allow_unauthenticated))
     daemons.ensure_running(platform.home)
-    click.echo(f"Gateway listening on {platform.gateway.url}")
+    if as_json:
+        _emit_json({"url": started.url, "ca_file": started.ca_file, "tls": started.tls,
+                    "network": not started.loopback})
+        return
+    click.echo(f"Gateway listening on {started.url}")
+    if started.ca_file:
+        click.echo(f"Its certificate is signed by mlserve's local CA: clients trust {started.ca_file} "
+                   "(`curl --cacert FILE`, REQUESTS_CA_BUNDLE=FILE).")
+    if not started.loopback:
+        click.echo("Open to the network: projects need a token (`mlserve token create --project P`) unless they say "
+                   "`access: public`" + (" (allowed)." if platform.state.get_setting(ALLOW_UNAUTHENTICATED) else "."))
 
 
 @gateway.command("stop")
@@ -473,6 +563,86 @@ def gateway_status(as_json: bool) -> None:
             click.echo(f"  problem in the last round: {problem}")
     else:
         click.echo("supervisor: not running (any mlserve command that finds jobs serving starts it)")
+
+
+@cli.group()
+def token() -> None:
+    """Bearer tokens for projects that require them (access: token)."""
+
+
+@token.command("create")
+@click.option("--project", help="The project the token calls (default: this folder's).")
+@click.option("--name", help="A name to list and revoke it by (default token-N).")
+@click.option("--expires", metavar="DURATION", help="Refused after this long: 12h, 30d (default: never).")
+@click.option("--rate", metavar="RATE", help="This token's own limit, such as 10/s (on top of the project's).")
+@click.option("--burst", type=click.IntRange(1), help="Requests the token may send at once (default: a second's worth).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: name, token, expires.")
+def token_create(project: str | None, name: str | None, expires: str | None, rate: str | None, burst: int | None,
+                 as_json: bool) -> None:
+    """Make a token and print it once (only its hash is kept). Clients send `Authorization: Bearer TOKEN`."""
+    platform = _platform(quiet=as_json)
+    made = Access(platform).create_token(platform.owner, _project_or_folder(project), name, expires, rate, burst)
+    expires_at = made.token.expires_at
+    if as_json:
+        _emit_json({"name": made.token.name, "token": made.secret, "project": made.token.project_key,
+                    "expires": _iso(expires_at) if expires_at else None})
+        return
+    click.echo(f"Token {made.token.name} for {made.token.project_key}"
+               f"{f' (expires {_iso(expires_at)})' if expires_at else ''}; it is shown only this once:")
+    click.echo(made.secret)
+    click.echo(f"curl -H 'Authorization: Bearer {made.secret}' {platform.project_endpoint(made.token.project_key)}")
+
+
+@token.command("list")
+@click.option("--project", help="Only this project's tokens (default: every project's).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def token_list(project: str | None, as_json: bool) -> None:
+    """List tokens: name, project, status, created, expires (never the token)."""
+    platform = _platform(quiet=as_json)
+    now = time.time()
+    tokens = Access(platform).tokens(platform.owner, validate_project_name(project) if project else None)
+    rows = [{"name": t.name, "project": t.project_key, "status": t.status(now), "created": _iso(t.created_at),
+             "expires": _iso(t.expires_at) if t.expires_at else None,
+             "rate": t.rate.describe() if t.rate else None} for t in tokens]
+    if as_json:
+        _emit_json(rows)
+        return
+    _table([[str(r["name"]), str(r["project"]), str(r["status"]), str(r["created"]), str(r["expires"] or "never"),
+             str(r["rate"] or "-")] for r in rows],
+           ["NAME", "PROJECT", "STATUS", "CREATED", "EXPIRES", "RATE"])
+
+
+@token.command("revoke")
+@click.argument("name")
+@click.option("--project", help="The token's project (default: this folder's).")
+def token_revoke(name: str, project: str | None) -> None:
+    """Revoke the token NAME: refused from the next request on, without a gateway reload."""
+    platform = _platform()
+    revoked = Access(platform).revoke(platform.owner, _project_or_folder(project), name)
+    click.echo(f"Token {revoked.name} of {revoked.project_key} revoked.")
+
+
+@cli.command("access")
+@click.argument("access", type=click.Choice(ACCESS), required=False)
+@click.option("--project", help="Project (default: this folder's).")
+def access_(access: str | None, project: str | None) -> None:
+    """Show or set who may call a project: `public` (anyone) or `token` (a bearer token from
+    `mlserve token create`). Live from the next request; the next `run` applies mlserve.yml's again."""
+    platform = _platform()
+    name = _project_or_folder(project)
+    guard = (Access(platform).set_access(platform.owner, name, access) if access
+             else platform.state.guard(platform.owner, name))
+    key = f"{platform.owner}/projects/{name}"
+    effective = guard.effective_access(platform.gateway.settings.loopback)
+    click.echo(f"{key}: {effective}" + ("" if guard.access else " (as the gateway: public on loopback, token once open)"))
+    if guard.rate:
+        click.echo(f"  rate limit: {guard.rate.describe()}")
+    if guard.cors:
+        click.echo(f"  CORS origins: {', '.join(guard.cors.origins)}")
+
+
+def _iso(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 @cli.command()

@@ -77,6 +77,8 @@ class Platform:
             port=port,
             body_limit_mb=int(state.get_setting("gateway.body_limit_mb") or DEFAULT_BODY_LIMIT_MB),
             timeout_s=int(state.get_setting("gateway.timeout_s") or DEFAULT_TIMEOUT_S),
+            tls=state.get_setting("gateway.tls") is not None,
+            public_url=state.get_setting("gateway.public_url"),
         )
 
     @cached_property

@@ -6,7 +6,10 @@ it, so two commands never render the gateway from two different pictures.
 
 from __future__ import annotations
 
+import time
+
 from .gateway import ProjectTraffic, Route
+from .guard import Token, guard_table
 from .platform import Platform
 
 STOPPED_BY_USER = "gateway.stopped"  # set by `gateway stop`: nothing brings the gateway back but `gateway start`
@@ -33,10 +36,15 @@ class Router:
         latest: dict[str, int] = {}
         for version in self.state.versions():
             latest[version.project_key] = max(latest.get(version.project_key, 0), version.number)
+        loopback, now = self.platform.gateway.settings.loopback, time.time()
+        tokens: dict[str, list[Token]] = {}
+        for token in self.state.tokens():
+            tokens.setdefault(token.project_key, []).append(token)
         projects = []
         for key in self.state.projects():
             owner, _, project = key.split("/", 2)
-            projects.append(ProjectTraffic(key, self.state.traffic(owner, project), latest.get(key, 0)))
+            guard = guard_table(self.state.guard(owner, project), loopback, tokens.get(key, []), now)
+            projects.append(ProjectTraffic(key, self.state.traffic(owner, project), latest.get(key, 0), guard))
         return projects
 
     @property

@@ -20,6 +20,7 @@ from typing import Any
 from filelock import FileLock
 
 from .errors import StateError
+from .guard import Cors, Guard, RateLimit, Token
 from .home import Home
 from .spec import SPEC_VERSION, JobSpec, upgrade_v1
 from .traffic import Traffic
@@ -75,6 +76,33 @@ def _add_versions(db: sqlite3.Connection) -> None:
                " WHERE versions.owner = project_counters.owner AND versions.project = project_counters.project)")
 
 
+def _add_guards(db: sqlite3.Connection) -> None:
+    """Schema 4: who may call a project (access, rate limit, CORS origins) and its tokens' hashes."""
+    db.execute("""
+        CREATE TABLE guards (
+            owner   TEXT NOT NULL,
+            project TEXT NOT NULL,
+            access  TEXT,                          -- public | token; NULL: as the gateway (public on loopback)
+            rate    REAL,                          -- requests a second for the whole project; NULL: no limit
+            burst   INTEGER,
+            cors    TEXT,                          -- JSON list of origins; NULL: no cross-origin calls
+            PRIMARY KEY (owner, project)
+        )""")
+    db.execute("""
+        CREATE TABLE tokens (
+            owner      TEXT NOT NULL,
+            project    TEXT NOT NULL,
+            name       TEXT NOT NULL,
+            digest     TEXT NOT NULL UNIQUE,       -- base64 SHA-256 of the token; the token is never stored
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            revoked_at REAL,
+            rate       REAL,                       -- this token's own limit, on top of the project's
+            burst      INTEGER,
+            PRIMARY KEY (owner, project, name)
+        )""")
+
+
 Migration = str | Callable[[sqlite3.Connection], None]
 
 # Each entry upgrades the schema by one version; never edit a released entry, append one.
@@ -115,6 +143,7 @@ MIGRATIONS: list[Migration] = [
     """,
     _upgrade_job_specs,
     _add_versions,
+    _add_guards,
 ]
 
 ACTIVE_STATES = ("starting", "running", "stopping")
@@ -399,6 +428,59 @@ class StateStore:
                 " DO UPDATE SET shares = excluded.shares, sticky = excluded.sticky",
                 (owner, project, shares, int(traffic.sticky)),
             )
+
+    # guards and tokens ----------------------------------------------------
+
+    def guard(self, owner: str, project: str) -> Guard:
+        row = self._conn.execute("SELECT access, rate, burst, cors FROM guards WHERE owner = ? AND project = ?",
+                                 (owner, project)).fetchone()
+        if row is None:
+            return Guard()
+        access, rate, burst, cors = row
+        return Guard(access, RateLimit(rate, burst) if rate is not None else None,
+                     Cors(tuple(json.loads(cors))) if cors is not None else None)
+
+    def set_guard(self, owner: str, project: str, guard: Guard) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO guards (owner, project, access, rate, burst, cors) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (owner, project) DO UPDATE SET access = excluded.access, rate = excluded.rate,"
+                " burst = excluded.burst, cors = excluded.cors",
+                (owner, project, guard.access, guard.rate.per_s if guard.rate else None,
+                 guard.rate.burst if guard.rate else None,
+                 json.dumps(list(guard.cors.origins)) if guard.cors else None),
+            )
+
+    def tokens(self, owner: str | None = None, project: str | None = None) -> list[Token]:
+        query, args = "SELECT * FROM tokens WHERE true", []
+        for column, value in (("owner", owner), ("project", project)):
+            if value is not None:
+                query += f" AND {column} = ?"
+                args.append(value)
+        rows = self._conn.execute(query + " ORDER BY owner, project, created_at, name", args).fetchall()
+        return [Token(r["owner"], r["project"], r["name"], r["digest"], r["created_at"], r["expires_at"],
+                      r["revoked_at"], RateLimit(r["rate"], r["burst"]) if r["rate"] is not None else None)
+                for r in rows]
+
+    def add_token(self, token: Token) -> None:
+        """Record a token; one of the same name that is no longer active (revoked, expired) gives way."""
+        with self._tx() as db:
+            db.execute("DELETE FROM tokens WHERE owner = ? AND project = ? AND name = ?"
+                       " AND (revoked_at IS NOT NULL OR expires_at <= ?)",
+                       (token.owner, token.project, token.name, time.time()))
+            db.execute(
+                "INSERT INTO tokens (owner, project, name, digest, created_at, expires_at, revoked_at, rate, burst)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (token.owner, token.project, token.name, token.digest, token.created_at, token.expires_at,
+                 token.revoked_at, token.rate.per_s if token.rate else None, token.rate.burst if token.rate else None),
+            )
+
+    def revoke_token(self, owner: str, project: str, name: str, when: float) -> bool:
+        """Mark an active token revoked; False when there is no such token or it was revoked already."""
+        with self._tx() as db:
+            done = db.execute("UPDATE tokens SET revoked_at = ? WHERE owner = ? AND project = ? AND name = ?"
+                              " AND revoked_at IS NULL", (when, owner, project, name))
+        return done.rowcount > 0
 
     # settings -------------------------------------------------------------
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..builder import runtime_packages, runtime_sources
-from ..constants import INSTANCE_LOG_NAME, UWSGI_INI_NAME
+from ..constants import CONTAINER_UID, INSTANCE_LOG_NAME, UWSGI_INI_NAME
 from ..errors import BuildError
 from ..home import Home
 from ..project import context_files
 from ..text import log_line
-from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, write_uwsgi_ini
+from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, confinement, write_uwsgi_ini
 
 TAIL_LINES = 25
 
@@ -84,6 +84,7 @@ class LocalBuilder:
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
+                target.chmod(0o755 if path.stat().st_mode & 0o111 else 0o644)  # as in an image: its user reads it
             env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
             check = subprocess.run(
                 [str(venv / "bin" / "python"), "-m", "mlserve_runtime.check", str(staging)],
@@ -135,7 +136,10 @@ class LocalRuntime:
                             tuple(DataMount(m.source, m.source) for m in mounts))
 
     def prepare(self, *writable: Path) -> None:
-        pass  # the instance runs as the caller, who owns these folders
+        # As root, the instance runs as the unprivileged uid (see start); else as the caller, who owns these.
+        if os.geteuid() == 0:
+            for path in writable:
+                os.chown(path, CONTAINER_UID, CONTAINER_UID)
 
     def start(self, spec: InstanceSpec) -> str:
         venv = spec.artifact.venv
@@ -145,12 +149,19 @@ class LocalRuntime:
         # A clean environment: what the job spec gives the instance, not the caller's (tokens, keys...).
         env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(spec.run_dir),
                **spec.env, "PYTHONDONTWRITEBYTECODE": "1"}
+        command = [f"{venv}/bin/uwsgi", "--ini", str(ini)]
         with open(spec.run_dir / INSTANCE_LOG_NAME, "ab") as log:
-            process = subprocess.Popen(
-                [f"{venv}/bin/uwsgi", "--ini", str(ini)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=spec.artifact.ref, start_new_session=True,
-            )
+            if os.geteuid() == 0:  # never root: the unprivileged uid, seeing only its own folders of mlserve's
+                process = confinement.start(
+                    command, env, log, uid=CONTAINER_UID, gid=CONTAINER_UID,
+                    readable=[spec.artifact.ref, venv, *filter(None, [confinement.python_home(venv)]),
+                              *(m.source for m in spec.mounts)],
+                    writable=[str(spec.run_dir), str(spec.output_dir)])
+            else:  # mlserve is not root: the instance runs as the caller (it cannot be anyone else)
+                process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=env, cwd=spec.artifact.ref, start_new_session=True,
+                )
         return str(process.pid)
 
     def restart(self, spec: InstanceSpec, handle: str | None) -> str:

@@ -3,7 +3,7 @@
 -- so keep-alive clients never see a closed connection because of it.
 --
 -- The table (JSON):
---   jobs:     { <endpoint id>: { name = "owner/projects/p/3", socket = "/.../uwsgi.sock",
+--   jobs:     { <endpoint id>: { name = "owner/projects/p/3", project = "owner/projects/p", socket = "/.../uwsgi.sock",
 --                                stats = "/.../stats.sock", ready = true, version = 2 } }
 --   projects: { "owner/projects/p": {
 --       pools    = { { version = 2, weight = 90, ready = { <id>, ... },   -- primaries taking traffic now
@@ -11,13 +11,15 @@
 --       fallback = { <id>, ... },           -- ready jobs of fallback versions
 --       versions = { ["2"] = { <id>, ... } }, -- ready jobs of each version with an active job
 --       latest   = 4,                       -- the newest version number
---       sticky   = false } }                -- a cookie keeps a browser on one version
+--       sticky   = false,                   -- a cookie keeps a browser on one version
+--       guard    = { access = "token", ... } } }  -- who may call it, how often (mlserve_guard.lua)
 -- Every worker reads the shared copy when its version changes, so a push is live on all workers
 -- for their next request. The project endpoint picks a pool by smooth weighted round robin (exact
 -- shares, per worker), then an instance of it by round robin.
 
 local cjson = require "cjson.safe"
 local balancer = require "ngx.balancer"
+local guard = require "mlserve_guard"
 local ffi = require "ffi"
 local bit = require "bit"
 
@@ -194,6 +196,7 @@ function M.route()
         if not entry then
             return answer(404, { error = "no such endpoint" })
         end
+        guard.check(key, entry.guard)
         local number, after = rest:match("^/v/([1-9][0-9]*)(.*)$")
         if number and (after == "" or after:sub(1, 1) == "/") then
             -- A version's own endpoint: its healthy jobs, whatever its share.
@@ -228,6 +231,7 @@ function M.route()
         if not job then
             return answer(404, { error = "no such endpoint" })
         end
+        guard.check(job.project, (t.projects[job.project] or {}).guard)
         if not job.ready then
             return answer(503, { error = "job not available", job = job.name,
                                  detail = "see `mlserve info " .. job.name .. "`" }, "5")

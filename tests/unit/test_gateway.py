@@ -29,7 +29,8 @@ EXPECTED = Path(__file__).parent / "expected"
 HOME = Path("/srv/mlh")
 A, B, C = "A" * 22, "B" * 22, "C" * 22
 SETTINGS = GatewaySettings("127.0.0.1", 8000, 100, 60)
-EMPTY_PROJECT = {"pools": [], "fallback": [], "versions": {}, "latest": 0, "sticky": False}
+PUBLIC = {"access": "public"}
+EMPTY_PROJECT = {"pools": [], "fallback": [], "versions": {}, "latest": 0, "sticky": False, "guard": PUBLIC}
 ROUTER = "@ROUTER@"  # stands for the router's folder, which is wherever mlserve is installed
 
 
@@ -37,7 +38,7 @@ ROUTER = "@ROUTER@"  # stands for the router's folder, which is wherever mlserve
 def fixed_host(monkeypatch):
     """The machine's parts of the configuration (cores, whether we are root, the Lua module) fixed."""
     monkeypatch.setattr(gateway_module, "worker_processes", lambda: 2)
-    monkeypatch.setattr(gateway_module, "nginx_user", lambda: "root")
+    monkeypatch.setattr(gateway_module, "nginx_user", lambda: "mlserve-gateway mlserve-gateway")
     monkeypatch.setattr(gateway_module, "lua_modules", lambda: gateway_module.NGINX_MODULES)
 
 
@@ -50,7 +51,7 @@ def _sock(job_id: str) -> str:
 
 
 def _router_code() -> bytes:
-    return (resources.files("mlserve.templates") / "lua" / "mlserve_router.lua").read_bytes()
+    return b"".join((resources.files("mlserve.templates") / "lua" / name).read_bytes() for name in gateway_module.LUA_MODULES)
 
 
 def _rendered(gateway: Gateway) -> str:
@@ -99,10 +100,13 @@ def test_a_new_router_is_a_new_generation(fixed_host, monkeypatch, tmp_path):
     (tmp_path / "lua").mkdir()
     monkeypatch.setattr(gateway_module, "resources", SimpleNamespace(files=lambda package: tmp_path))
     generations = []
+    (tmp_path / "lua" / "mlserve_guard.lua").write_text("return {}\n")
     for code in ("return 1\n", "return 2\n"):
         (tmp_path / "lua" / "mlserve_router.lua").write_text(code)
         generations.append(_gateway().render()[1])
-    assert generations[0] != generations[1]
+    (tmp_path / "lua" / "mlserve_guard.lua").write_text("return { guarded = true }\n")
+    generations.append(_gateway().render()[1])
+    assert len(set(generations)) == 3
 
 
 # -- the routing table -------------------------------------------------------------------------
@@ -113,7 +117,7 @@ def test_routing_table_without_jobs():
 
 
 def _job(job_id, number, ready, version):
-    return {"name": f"alice/projects/hello/{number}", "socket": f"/srv/mlh/run/{job_id}/sock/uwsgi.sock",
+    return {"name": f"alice/projects/hello/{number}", "project": "alice/projects/hello", "socket": f"/srv/mlh/run/{job_id}/sock/uwsgi.sock",
             "stats": f"/srv/mlh/run/{job_id}/sock/stats.sock", "ready": ready, "version": version}
 
 
@@ -127,6 +131,7 @@ def test_routing_table_with_two_healthy_jobs_of_one_project():
         "projects": {"alice/projects/hello": {
             "pools": [{"version": 1, "weight": 2, "ready": [A, B], "spare": []}],  # in job order: the round robin
             "fallback": [], "versions": {"1": [A, B]}, "latest": 1, "sticky": False,
+            "guard": PUBLIC,
         }},
     }
 
@@ -141,8 +146,9 @@ def test_routing_table_with_a_sick_job_and_a_stopped_project():
         "jobs": {A: _job(A, 1, True, 1), C: _job(C, 2, False, 2)},
         "projects": {
             "alice/projects/hello": {"pools": [{"version": 1, "weight": 1, "ready": [A], "spare": []}], "fallback": [],
-                                     "versions": {"1": [A], "2": []}, "latest": 2, "sticky": False},
-            "bob/projects/idle": {"pools": [], "fallback": [], "versions": {}, "latest": 3, "sticky": False},
+                                     "versions": {"1": [A], "2": []}, "latest": 2, "sticky": False, "guard": PUBLIC},
+            "bob/projects/idle": {"pools": [], "fallback": [], "versions": {}, "latest": 3, "sticky": False,
+                                  "guard": PUBLIC},
         },
     }
 
@@ -168,7 +174,7 @@ def test_shares_leave_out_versions_without_a_ready_job_and_fallbacks_wait():
     split = ProjectTraffic("alice/projects/hello", Traffic({1: 90, 2: 10}, sticky=True), latest=3)
     entry = _gateway().routing_table(routes, [split])["projects"]["alice/projects/hello"]
     assert entry == {"pools": [{"version": 1, "weight": 90, "ready": [A], "spare": [C]}], "fallback": [C],
-                     "versions": {"1": [A], "2": [], "3": [C]}, "latest": 3, "sticky": True}
+                     "versions": {"1": [A], "2": [], "3": [C]}, "latest": 3, "sticky": True, "guard": PUBLIC}
     # With no primary ready, the pools are empty: the fallback's turn.
     routes[0] = Route(A, "alice/projects/hello/1", "alice/projects/hello", _sock(A), False, 1)
     assert _gateway().routing_table(routes, [split])["projects"]["alice/projects/hello"]["pools"] == []

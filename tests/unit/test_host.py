@@ -33,6 +33,7 @@ class FakeEngine:
 def steps(monkeypatch) -> list[str]:
     calls: list[str] = []
     monkeypatch.setattr(host, "ensure_packages", lambda report: calls.append("packages") or [])
+    monkeypatch.setattr(host, "gateway_account", lambda report: calls.append("user"))
     monkeypatch.setattr(host, "ensure_engine", lambda report: calls.append("engine") or FakeEngine(calls))
 
     def base(report, engine: FakeEngine) -> str:
@@ -43,10 +44,10 @@ def steps(monkeypatch) -> list[str]:
     return calls
 
 
-def test_setup_runs_packages_engine_base_in_order_and_closes_the_engine(steps):
+def test_setup_runs_packages_user_engine_base_in_order_and_closes_the_engine(steps):
     messages: list[str] = []
     host.setup(messages.append)
-    assert steps == ["packages", "engine", "base", "close"]
+    assert steps == ["packages", "user", "engine", "base", "close"]
     assert messages[-1].startswith("Ready in ") and messages[-1].endswith("builds start from mlserve/base:bookworm.")
 
 
@@ -57,7 +58,7 @@ def test_setup_closes_the_engine_when_the_base_fails(steps, monkeypatch):
     monkeypatch.setattr(host, "ensure_base_image", broken)
     with pytest.raises(EngineUnavailableError):
         host.setup(lambda _: None)
-    assert steps == ["packages", "engine", "close"]
+    assert steps == ["packages", "user", "engine", "close"]
 
 
 def test_what_other_modules_import_from_host_is_still_there():
