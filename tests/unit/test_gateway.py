@@ -86,6 +86,30 @@ def test_rendered_config_with_other_settings(fixed_host, monkeypatch):
     _matches("nginx.other.conf", _rendered(_gateway(Path("/home/ann/.mlserve"), settings)))
 
 
+def test_rendered_config_with_tls(fixed_host, tmp_path):
+    # TLS 1.2 and 1.3 only, the certificate mlserve keeps, plain HTTP redirected to the public URL.
+    home = tmp_path / "h"
+    (home / "gateway" / "tls").mkdir(parents=True)
+    for name in ("cert.pem", "key.pem"):
+        (home / "gateway" / "tls" / name).write_text("")
+    settings = GatewaySettings("0.0.0.0", 8443, 100, 60, tls=True, public_url="https://models.example.com")
+    text = _rendered(_gateway(home, settings)).replace(str(home), "/srv/mlh")
+    _matches("nginx.tls.conf", text)
+    assert settings.url == "https://models.example.com"
+    plain = dataclasses.replace(settings, public_url=None)
+    assert "error_page 497 =308 https://$host:$server_port$request_uri;" in _gateway(home, plain).render()[0]
+    missing = _gateway(tmp_path / "nothing", plain)
+    with pytest.raises(GatewayError, match="TLS certificate"):
+        missing.render()
+
+
+@pytest.mark.parametrize("host, tls, url", [("127.0.0.1", False, "http://127.0.0.1:8000"),
+                                            ("10.1.2.3", True, "https://10.1.2.3:8000"),
+                                            ("::1", False, "http://[::1]:8000")])
+def test_the_url_clients_are_told(host, tls, url):
+    assert GatewaySettings(host, 8000, 100, 60, tls=tls).url == url
+
+
 def test_routes_never_reach_nginx_conf(fixed_host):
     # Whatever runs, nginx.conf (and so whether nginx reloads) depends on the settings alone.
     gateway = _gateway()
@@ -220,13 +244,14 @@ def test_render_refuses_a_home_path_nginx_would_split(fixed_host, tmp_path):
 
 @pytest.mark.parametrize("settings", [
     GatewaySettings("127.0.0.1; evil", 8000, 100, 60),
+    GatewaySettings("127.0.0.1", 8000, 100, 60, public_url="https://x.example;\n}"),
     GatewaySettings("", 8000, 100, 60),
     GatewaySettings("127.0.0.1", 0, 100, 60),
     GatewaySettings("127.0.0.1", 8000, -1, 60),
     GatewaySettings("127.0.0.1", 8000, 100, 0),
     GatewaySettings("127.0.0.1", 8000, 100, "60; evil"),  # type: ignore[arg-type]
     GatewaySettings("127.0.0.1", 8000, True, 60),
-], ids=["host-chars", "host-empty", "port", "body-limit", "timeout", "timeout-text", "body-limit-bool"])
+], ids=["host-chars", "public-url-chars", "host-empty", "port", "body-limit", "timeout", "timeout-text", "body-limit-bool"])
 def test_render_refuses_a_setting_nginx_conf_must_not_contain(fixed_host, settings):
     with pytest.raises(GatewayError):
         _gateway(settings=settings).render()
