@@ -18,6 +18,7 @@ from .instances import Instances
 from .platform import Platform
 from .project import default_project_name, parse_data_mount, validate_project_name
 from .runtimes import BuildRequest, DataMount, Runtime
+from .secrets import Secrets
 from .spec import Artifact, JobSpec
 from .state import Job, Version
 from .traffic import Traffic, most_traffic, with_canary
@@ -104,6 +105,7 @@ class Deployer:
             project_dir=project_dir, slug=f"{owner}-{project}", project_key=f"{owner}/projects/{project}",
             env=request.env or config.env, requirements=requirements if (project_dir / requirements).is_file() else None,
             ca_bundle=request.ca_bundle, report=self.report, network=network,
+            environment={**dict(config.env_vars), **Secrets(self.platform.home, owner, project).environment()},
         ))
         spec = JobSpec(
             runtime=runtime_name, artifact=built.artifact, project_dir=str(project_dir),

@@ -7,7 +7,7 @@ runs, scales and stops jobs never asks which runtime it has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -33,6 +33,9 @@ class BuildRequest:
     ca_bundle: str | None  # --ca-bundle
     report: Callable[[str], None]
     network: str = "isolated"  # config.NETWORKS: the import check runs on the instances' network
+    # The import check's environment, as the instances will have it (mlserve.yml's env_vars, the
+    # project's secrets): given to the check's container only, never written into the image.
+    environment: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

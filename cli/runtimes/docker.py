@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,12 +67,12 @@ class DockerRuntime:
         result = builder.build(request.project_dir, f"mlserve/{request.slug}", base, request.requirements,
                                find_ca_bundle(request.ca_bundle), request.project_key)
         request.report(f"Built {result.tag} in {result.seconds:.1f}s ({result.cached}/{result.steps} steps cached)")
-        self._check_import(result.tag, request.network)
+        self._check_import(result.tag, request.network, request.environment)
         summary = {"image": result.tag, "seconds": round(result.seconds, 2), "steps": result.steps,
                    "cached": result.cached, "context_bytes": result.context_bytes}
         return Built(Artifact(result.tag), summary)
 
-    def _check_import(self, tag: str, network: str) -> None:
+    def _check_import(self, tag: str, network: str, environment: Mapping[str, str]) -> None:
         """Import app.py in the new image as an instance will: the instance's user, a read-only root,
         no capabilities, the instance's network policy (never this host). An app that does not import
         fails the run now, with its traceback's tail, rather than a 502 later; its image is untagged
@@ -82,7 +82,7 @@ class DockerRuntime:
                 tag, "the import check", IMPORT_CHECK_TIMEOUT_S,
                 command=[f"{INSTANCE_VENV}/bin/python", "-m", "mlserve_runtime.check", INSTANCE_APP_DIR],
                 user=f"{CONTAINER_UID}:{CONTAINER_UID}", read_only=True, tmpfs={"/tmp": "rw,size=256m,mode=1777"},
-                cap_drop=["ALL"], security_opt=["no-new-privileges"], environment={"HOME": "/tmp"},
+                cap_drop=["ALL"], security_opt=["no-new-privileges"], environment={**environment, "HOME": "/tmp"},
                 **self._network(network),
             )
         except KeyboardInterrupt:

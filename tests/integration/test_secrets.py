@@ -148,3 +148,17 @@ def test_jobs_started_later_get_the_new_value_and_running_ones_keep_theirs(mlser
     mlserve("run", "--mode", "serve", "--replace", cwd=secret_project)
     answers = {value_of(j["endpoint"], "API_TOKEN") for j in mlserve.json("status")}
     assert answers == {"three"}
+
+
+def test_an_app_that_reads_a_secret_when_imported_passes_the_import_check(mlserve, docker_client, secret_project):
+    # The import check runs the app as an instance will, with its secrets: an app that needs one at
+    # import time builds; without the secret, the check fails and says why.
+    app = secret_project / "app.py"
+    app.write_text("import os\nREQUIRED = os.environ['MODEL_KEY']\n" + app.read_text())
+    failed = mlserve("run", "--mode", "serve", cwd=secret_project, check=False)
+    assert failed.returncode != 0 and "MODEL_KEY" in failed.stderr
+    assert set_secret(mlserve, "MODEL_KEY", b"k-123\n", secret_project).returncode == 0
+    deployed = mlserve.json("run", "--mode", "serve", cwd=secret_project)
+    assert value_of(deployed["endpoint"], "MODEL_KEY") == "k-123"
+    image = docker_client.images.get(deployed["build"]["image"])
+    assert not any("k-123" in item for item in image.attrs["Config"].get("Env") or [])
