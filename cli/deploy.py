@@ -85,7 +85,9 @@ class Deployer:
                    for spec in config.data]
         _check_unique_mounts(mounts)
         network = _network(request.network, config.network)
-        guard = Guard(request.access or config.access, config.rate, config.cors)
+        # Access never opens by itself: a run whose mlserve.yml and flags are silent keeps the project's.
+        kept = self.state.guard(owner, project).access
+        guard = Guard(request.access or config.access or kept, config.rate, config.cors)
         check_open_to_anyone(self.platform, [(f"{owner}/projects/{project}", guard)])
         max_runtime_s = flag_max_runtime_s(request.max_runtime, config)
         requirements = config.requirements or "requirements.txt"

@@ -41,7 +41,8 @@ CONFIG_NAME = "nginx.conf"
 LUA_MODULES = ("mlserve_router.lua", "mlserve_guard.lua")  # templates/lua: the router and what it guards with
 STATS_NAME = Path(STATS_SOCKET_NAME).name  # beside each instance's socket: its uWSGI master's alone
 ROUTES_NAME = "routes.json"  # the last routing table pushed (what `gateway status` counts)
-CONTROL_SOCKET = "control.sock"
+# In a folder of root's alone: nginx makes the socket 0666, and only mlserve may push routes.
+CONTROL_SOCKET = "control/control.sock"
 LOG_NAMES = ("access.log", "error.log")
 RELOAD_WAIT_S = 10.0  # for a reload or a start to take effect on every worker
 ORPHAN_WAIT_S = 5.0  # for killed leftovers of an earlier nginx to be gone
@@ -390,6 +391,9 @@ class Gateway:
         prepare_gateway(self.home.root, self.dir, ("tmp/body", "tmp/uwsgi", "tmp/proxy", "tmp/fastcgi", "tmp/scgi"),
                         private_files=(*LOG_NAMES, ROUTES_NAME, candidate.name))
         candidate.write_text(text)
+        control = (self.dir / CONTROL_SOCKET).parent
+        control.mkdir(exist_ok=True)
+        control.chmod(0o700)
         check = self._nginx(nginx, "-t", "-c", str(candidate))
         if check.returncode != 0:
             candidate.unlink(missing_ok=True)

@@ -13,10 +13,10 @@ from typing import Any
 import click
 
 from . import __version__, daemons
+from .access import Access
 from .config import NETWORKS, load_config
 from .deploy import Deployer, RunRequest
 from .edge import ALLOW_UNAUTHENTICATED, TLS_MODES, GatewayOptions, start_gateway
-from .access import Access
 from .errors import MlserveError, UsageError
 from .guard import ACCESS
 from .instances import Instances

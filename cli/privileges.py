@@ -21,7 +21,8 @@ other user enters the home at all.
 A folder above the home that the workers could not pass (root's home folder, /root, is 0700) gets an
 ACL entry that lets the gateway's user search it, and nothing else.
 
-Not root, nginx's workers run as the caller, who owns all of it: the home is 0700 and that is all.
+Not root, nginx's workers run as the caller, who owns all of it: the home is 0700, and a job's socket
+folder is set-group-id, so that the sockets a container's user makes there take the caller's group.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def gateway_account(report: Report | None = None) -> Account | None:
             report(f"Created the system user {GATEWAY_USER}: the gateway's nginx workers run as it.")
     if 0 in (account.uid, account.gid):
         raise GatewayError(f"the user or group {GATEWAY_USER} is root's: the gateway's workers would run as root",
-                           f"Remove them (`userdel {GATEWAY_USER}; groupdel {GATEWAY_USER}`): mlserve makes them again.")
+                           f"Remove them (`userdel {GATEWAY_USER}; groupdel {GATEWAY_USER}`); mlserve makes new ones.")
     return account
 
 
@@ -132,7 +133,7 @@ def seal_home(root: Path, group: int | None) -> None:
     if root.stat().st_uid != os.geteuid():
         return
     for name in PRIVATE_STATE:
-        _own_file(root / name, None, 0o600)
+        _make_file(root / name, None, 0o600)
     for name in PRIVATE_FOLDERS:
         (root / name).mkdir(mode=0o700, exist_ok=True)
     for entry in root.iterdir():
@@ -143,14 +144,14 @@ def seal_home(root: Path, group: int | None) -> None:
         return
     for name in PASSAGES:
         (root / name).mkdir(exist_ok=True)
-        _set(root / name, 0, group, 0o710)
-    _set(root, 0, group, 0o710)
+        _set(root / name, os.geteuid(), group, 0o710)
+    _set(root, os.geteuid(), group, 0o710)
 
 
 def prepare_gateway(home: Path, gateway_dir: Path, worker_folders: Iterable[str], private_files: Iterable[str]) -> None:
     """Make ``gateway_dir`` ready for nginx: ``worker_folders`` its workers' own (0700), ``private_files``
-    root's (0600, made now: nginx and mlserve write them in place), the home sealed, and every folder
-    on the workers' way to the sockets passable. Creates the gateway's user when missing.
+    0600 (made now: nginx and mlserve write them in place, which keeps the mode), the home sealed, and
+    every folder on the workers' way to the sockets passable. Creates the gateway's user when missing.
 
     Raises GatewayError when that user cannot be made, or a folder above the home cannot let it pass.
     """
@@ -158,7 +159,7 @@ def prepare_gateway(home: Path, gateway_dir: Path, worker_folders: Iterable[str]
     seal_home(home, account.gid if account else None)
     gateway_dir.mkdir(parents=True, exist_ok=True)
     for name in private_files:
-        _own_file(gateway_dir / name, 0 if account else None, 0o600)
+        _make_file(gateway_dir / name, None, 0o600)
     for name in worker_folders:
         folder = gateway_dir / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -184,8 +185,8 @@ def share_sockets(run_dir: Path, socket_dir: Path) -> None:
     _set(run_dir, 0, CONTAINER_UID, 0o751)
     # Made now with their modes: the runtimes write them in place (open and truncate), which keeps both.
     for name in INSTANCE_READS:
-        _own_file(run_dir / name, CONTAINER_UID, 0o640)
-    _own_file(run_dir / INSTANCE_LOG_NAME, 0, 0o600)
+        _make_file(run_dir / name, CONTAINER_UID, 0o640)
+    _make_file(run_dir / INSTANCE_LOG_NAME, None, 0o600)
     os.chown(socket_dir, -1, account.gid)
     socket_dir.chmod(0o2770)
 
@@ -195,12 +196,12 @@ def _set(path: Path, uid: int, gid: int, mode: int) -> None:
     path.chmod(mode)  # after chown, which may clear the set-group-id bit
 
 
-def _own_file(path: Path, gid: int | None, mode: int) -> None:
-    """Make ``path`` (a file, created empty when missing) root's, or this user's, with group ``gid`` and ``mode``."""
+def _make_file(path: Path, gid: int | None, mode: int) -> None:
+    """Give ``path`` (a file, made empty when missing) group ``gid`` (None: as it is) and ``mode``."""
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, mode)
     try:
         if gid is not None:
-            os.fchown(fd, 0, gid)
+            os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
@@ -243,8 +244,8 @@ def acl_letting_search(acl: bytes | None, mode: int, uid: int) -> bytes | None:
     """A folder's access ACL (``acl``; None when it has only its ``mode`` bits) that also lets ``uid``
     search it, and changes nothing else; None when ``uid``'s entry lets it search already.
 
-    The mask caps every named entry, so it gains search too: entries that asked for search and were
-    masked get it, as with `setfacl -m u:UID:x`.
+    The mask caps every named entry, so it gains search too: an entry that asked for search and was
+    masked gets it as well.
     """
     if acl:
         entries = {(tag, id_): perm for tag, perm, id_ in _ACL_ENTRY.iter_unpack(acl[_ACL_VERSION.size:])}
@@ -256,4 +257,5 @@ def acl_letting_search(acl: bytes | None, mode: int, uid: int) -> bytes | None:
         return None
     entries[(_USER, uid)] = own | _SEARCH
     entries[(_MASK, _NO_ID)] = mask | _SEARCH
-    return _ACL_VERSION.pack(2) + b"".join(_ACL_ENTRY.pack(tag, perm, id_) for (tag, id_), perm in sorted(entries.items()))
+    packed = (_ACL_ENTRY.pack(tag, perm, id_) for (tag, id_), perm in sorted(entries.items()))
+    return _ACL_VERSION.pack(2) + b"".join(packed)

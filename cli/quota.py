@@ -189,11 +189,8 @@ class OutputVolume:
         shutil.rmtree(earlier, ignore_errors=True)
 
     def _unmount(self) -> bool:
-        for _ in range(3):  # two starts racing could have stacked the same filesystem twice
-            if not self.mounted:
-                return True
-            if _run(["umount", str(self.folder)]).returncode != 0:
-                _run(["umount", "--lazy", str(self.folder)])
+        if self.mounted:
+            _unmount(self.folder)
         return not self.mounted
 
 
@@ -201,5 +198,10 @@ def unmount_all(root: Path) -> None:
     """Unmount every filesystem mounted at or below ``root`` (lazily when busy), deepest first: before
     a home is deleted, so that nothing is deleted through a mount and no loop device is left."""
     for point in mounted_under(root, _current_mounts()):
-        if _run(["umount", str(point)]).returncode != 0:
-            _run(["umount", "--lazy", str(point)])
+        _unmount(point)
+
+
+def _unmount(point: Path) -> None:
+    """Unmount now, or lazily when busy (it goes when its last user does; the loop device with it)."""
+    if _run(["umount", str(point)]).returncode != 0:
+        _run(["umount", "--lazy", str(point)])

@@ -28,6 +28,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from mlserve.constants import LABEL_HOME, LABEL_JOB, LABEL_PROJECT
+from mlserve.quota import unmount_all
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -146,6 +147,7 @@ def teardown_mlserve(ms: Mlserve, client: DockerClient | None = None) -> None:
     failed; the failure is raised."""
     with contextlib.ExitStack() as steps:  # runs the callbacks last-registered first
         steps.callback(shutil.rmtree, ms.home, ignore_errors=True)
+        steps.callback(unmount_all, ms.home)  # jobs' output filesystems: never deleted through, no loop device left
         if client is not None:
             steps.callback(_untag_images, client, ms.home)
             steps.callback(_remove_containers, client, ms.home)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from typing import IO, Any
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS = 38
 LAUNCHER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -109,6 +111,12 @@ def _check(result: int, what: str) -> None:
         raise OSError(error, f"{what}: {os.strerror(error)}")
 
 
+def _mount_points() -> list[str]:
+    """This namespace's mount points (as quota.mount_points: this script imports nothing of mlserve's)."""
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4]) for line in lines]
+
+
 def _mount(libc: Any, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     encoded = [None if value is None else value.encode() for value in (source, target, fstype, data)]
     _check(libc.mount(encoded[0], encoded[1], encoded[2], ctypes.c_ulong(flags), encoded[3]),
@@ -125,6 +133,14 @@ def confine(readable: list[str], writable: list[str], uid: int, gid: int) -> Non
     # Held open through the covers: each is bound back in from its descriptor.
     held = {path: os.open(path, os.O_PATH) for path in paths}
     tops = covers(paths, lambda folder: can_search(folder, uid, gid))
+    # What else is mounted under the covers (other jobs' output filesystems) is let go, not just hidden:
+    # a copy held here would keep it, and its loop device, until this instance ends. (If one cannot be
+    # let go, it stays hidden: not a reason to fail the start.)
+    for point in sorted(_mount_points(), key=len, reverse=True):
+        needed = any(point == path or point.startswith(path + "/") for path in paths)
+        if not needed and any(point.startswith(top + "/") for top in tops):
+            libc.umount2(point.encode(), MNT_DETACH)
+    os.umask(0o022)  # the folders made on the covers: its user must enter them
     for top in tops:
         _mount(libc, "tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
     for path in paths:

@@ -20,7 +20,17 @@ from ..errors import BuildError
 from ..home import Home
 from ..project import context_files
 from ..text import log_line
-from . import Artifact, BuildRequest, Built, DataMount, InstanceSpec, InstanceState, InstanceView, confinement, write_uwsgi_ini
+from . import (
+    Artifact,
+    BuildRequest,
+    Built,
+    DataMount,
+    InstanceSpec,
+    InstanceState,
+    InstanceView,
+    confinement,
+    write_uwsgi_ini,
+)
 
 TAIL_LINES = 25
 

@@ -311,3 +311,15 @@ def test_bad_edge_settings_are_refused_and_change_nothing(mls, tmp_path):
         assert bad.returncode != 0 and says in bad.stderr, config
     assert [j["version"] for j in mls.json("status")] == [1]
     assert requests.get(f"http://127.0.0.1:{mls.port}/serve/tester/projects/steady", timeout=5).status_code == 200
+
+
+def test_a_run_never_opens_a_project_that_was_closed(mls, tmp_path):
+    project = _project(tmp_path, "closed")  # mlserve.yml says nothing of access
+    mls("run", "--mode", "serve", cwd=project)
+    url = f"http://127.0.0.1:{mls.port}/serve/tester/projects/closed"
+    assert requests.get(url, timeout=5).status_code == 200  # public: the gateway is on loopback
+    mls("access", "token", "--project", "closed")
+    assert requests.get(url, timeout=5).status_code == 401
+    mls("run", "--mode", "serve", "--replace", cwd=project)
+    assert requests.get(url, timeout=5).status_code == 401
+    assert "closed: token" in mls("access", "--project", "closed").stdout

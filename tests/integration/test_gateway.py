@@ -22,6 +22,7 @@ import pytest
 
 from mlserve.gateway import Gateway, GatewaySettings, ProjectTraffic, Route
 from mlserve.home import Home
+from mlserve.privileges import share_sockets
 from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
@@ -229,8 +230,10 @@ def test_a_request_over_the_timeout_answers_json_naming_the_setting(gateway):
     silent = "T" * 22
     path = gateway.home.socket(silent)
     path.parent.mkdir(parents=True)
+    share_sockets(path.parent.parent, path.parent)
     with socket.socket(socket.AF_UNIX) as listener:  # connections are taken (backlog), never answered
         listener.bind(str(path))
+        path.chmod(0o660)
         listener.listen(8)
         impatient = Gateway(gateway.home, dataclasses.replace(gateway.settings, timeout_s=1))
         impatient.apply([Route(silent, "alice/projects/p/1", "alice/projects/p", str(path), True)], [])
@@ -269,9 +272,11 @@ class FakeInstance:
 
     def __init__(self, path: Path, name: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        share_sockets(path.parent.parent, path.parent)  # as a job's folders are: the gateway's workers reach it
         self.name = name
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(str(path))
+        path.chmod(0o660)  # as uWSGI's chmod-socket makes it
         self.listener.listen(64)
         threading.Thread(target=self._serve, daemon=True).start()
 

@@ -28,8 +28,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from mlserve.errors import GatewayError
-from mlserve.gateway import Gateway, GatewaySettings, ProjectTraffic, Route, worker_processes
+from mlserve.gateway import CONTROL_SOCKET, Gateway, GatewaySettings, ProjectTraffic, Route, worker_processes
 from mlserve.home import Home
+from mlserve.privileges import share_sockets
 from tests.harness import free_port, wait_for
 from tests.integration.test_gateway import FakeInstance
 
@@ -89,10 +90,11 @@ class UwsgiInstance:
         self.dir = home.run_dir(job_id)
         self.socket = home.socket(job_id)
         self.socket.parent.mkdir(parents=True, exist_ok=True)
+        share_sockets(self.dir, self.socket.parent)  # as a job's folders are: the gateway's workers reach it
         (self.dir / "app.py").write_text(APP)
         pidfile = self.dir / "uwsgi.pid"
         subprocess.run(
-            [_uwsgi(), "--master", "--processes", "2", "--uwsgi-socket", str(self.socket),
+            [_uwsgi(), "--master", "--processes", "2", "--uwsgi-socket", str(self.socket), "--chmod-socket=660",
              "--wsgi-file", str(self.dir / "app.py"), "--callable", "app", "--post-buffering", "65536",
              "--daemonize", str(self.dir / "uwsgi.log"), "--pidfile", str(pidfile)],
             check=True, timeout=30, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -241,7 +243,7 @@ class _UnixConnection(http.client.HTTPConnection):
 
 def _control(gateway: Gateway, method: str, body: bytes | None = None) -> tuple[int, bytes]:
     """A request to the gateway's control socket, as mlserve makes them."""
-    connection = _UnixConnection(str(gateway.dir / "control.sock"))
+    connection = _UnixConnection(str(gateway.dir / CONTROL_SOCKET))
     try:
         connection.request(method, "/routes", body=body, headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
