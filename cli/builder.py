@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .constants import (
     CONTAINER_UID,
@@ -24,11 +25,13 @@ from .constants import (
     LABEL_PROJECT,
     LOCAL_BASE_IMAGE,
 )
-from .engine import Engine, engine_errors
 from .errors import BuildError, BuildInterrupted
 from .project import context_files, context_size, linked_folders
 from .render import render
 from .text import log_line
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 RUNTIME_PACKAGES = ("pyuwsgi", "filelock", "a2wsgi")
 CA_ENV_VARS = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
@@ -197,6 +200,8 @@ class ImageBuilder:
         log: list[str] = []
         stream = None
         try:
+            from .engine import engine_errors  # the Docker SDK: imported by the commands that build only
+
             with engine_errors("building the image"):
                 stream = self.engine.build(
                     fileobj=io.BytesIO(context),

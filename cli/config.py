@@ -74,6 +74,20 @@ def positive(check: Callable[[object], float]) -> Callable[[object], float]:
     return checked
 
 
+def at_least(low: int, text: str) -> Callable[[Callable[[object], int]], Callable[[object], int]]:
+    """A size check refusing values under ``low`` (``text`` says it the way users write it)."""
+    def wrap(check: Callable[[object], int]) -> Callable[[object], int]:
+        def checked(value: object) -> int:
+            number = check(value)
+            if number < low:
+                raise ValueProblem(f"a size of at least {text} (a limit cannot be removed by zeroing it)")
+            return number
+
+        return checked
+
+    return wrap
+
+
 def whole(low: int, high: int | None = None) -> Callable[[object], int]:
     def checked(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
@@ -138,7 +152,7 @@ LIMIT_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "cpus": ("cpus", positive(number)),
     "pids": ("pids", whole(1)),
     "tmp": ("tmp_bytes", lambda v: int(positive(size_bytes)(v))),
-    "output": ("output_bytes", lambda v: int(positive(size_bytes)(v))),
+    "output": ("output_bytes", lambda v: at_least(1 << 20, "1m")(size_bytes)(v)),
 }
 HEALTH_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "path": ("path", _health_path),

@@ -17,6 +17,7 @@ from .guard import Guard
 from .instances import Instances
 from .platform import Platform
 from .project import default_project_name, parse_data_mount, validate_project_name
+from .quota import check_can_mount
 from .runtimes import BuildRequest, DataMount, Runtime
 from .secrets import Secrets
 from .spec import Artifact, JobSpec
@@ -98,6 +99,7 @@ class Deployer:
                              "and no primary job of the project is running",
                              "Start the project with a plain `mlserve run --mode serve` first.")
         runtime_name = self.platform.choose_runtime(request.runtime or (serving[-1].runtime if serving else None))
+        check_can_mount()  # every instance's /output is a filesystem of its own: say so before building
         gateway = self.platform.gateway
         if not gateway.is_running():
             gateway.preflight()  # nginx missing or its port taken: say so before building

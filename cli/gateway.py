@@ -32,8 +32,8 @@ from . import tls
 from .constants import ENDPOINT_ID_LENGTH, GATEWAY_USER, STATS_SOCKET_NAME
 from .errors import GatewayError, GatewayPortInUseError, NginxNotInstalledError
 from .home import Home
-from .host import find_program
 from .privileges import prepare_gateway
+from .programs import find_program
 from .render import render
 from .traffic import Traffic, weights
 

@@ -6,21 +6,30 @@ import getpass
 import os
 from collections.abc import Callable
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from .constants import DEFAULT_BODY_LIMIT_MB, DEFAULT_GATEWAY_HOST, DEFAULT_GATEWAY_PORT, DEFAULT_TIMEOUT_S
-from .engine import Engine
 from .errors import UsageError
 from .gateway import Gateway, GatewaySettings
 from .home import Home
 from .project import validate_owner
 from .runtimes import Runtime
-from .runtimes.docker import DockerRuntime
 from .runtimes.local import LocalRuntime
 from .state import StateStore
 
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def _docker_runtime(platform: Platform) -> Runtime:
+    from .runtimes.docker import DockerRuntime  # the Docker SDK is slow to import: only commands that use it do
+
+    return DockerRuntime(platform.engine, platform.home)
+
+
 # Each runtime is made from the platform; the core only ever names one by its job's spec.
 RUNTIME_FACTORIES: dict[str, Callable[[Platform], Runtime]] = {
-    "docker": lambda platform: DockerRuntime(platform.engine, platform.home),
+    "docker": _docker_runtime,
     "local": lambda platform: LocalRuntime(platform.home),
 }
 RUNTIMES = tuple(RUNTIME_FACTORIES)
@@ -42,6 +51,8 @@ class Platform:
 
     @cached_property
     def engine(self) -> Engine:
+        from .engine import Engine
+
         return Engine.connect()
 
     def reconnect(self) -> None:

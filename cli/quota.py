@@ -81,6 +81,15 @@ def _size(size_bytes: int) -> str:
     return f"{size_bytes / (1 << 30):g} GiB" if size_bytes >= 1 << 30 else f"{size_bytes / (1 << 20):g} MiB"
 
 
+def check_can_mount() -> None:
+    """Raises OutputQuotaError when this process cannot mount output filesystems (it is not root)."""
+    if os.geteuid() != 0:
+        raise OutputQuotaError(
+            "the output limit needs root: each job's /output is a filesystem image of its own, "
+            "loop-mounted, and only root can mount it",
+            "Run mlserve as root (e.g. with sudo).")
+
+
 @dataclass(frozen=True)
 class OutputVolume:
     """One job's output filesystem: ``image`` mounted on ``folder``."""
@@ -105,11 +114,7 @@ class OutputVolume:
         with self._lock():
             if self.mounted:
                 return
-            if os.geteuid() != 0:
-                raise OutputQuotaError(
-                    "the output limit needs root: each job's /output is a filesystem image of its own, "
-                    "loop-mounted, and only root can mount it",
-                    "Run mlserve as root (e.g. with sudo).")
+            check_can_mount()
             if self.image.exists():
                 self._mount()
                 return

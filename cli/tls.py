@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GatewayError, UsageError
-from .host import find_program
+from .programs import find_program
 
 CERT_NAME, KEY_NAME = "cert.pem", "key.pem"
 CA_NAME, CA_KEY_NAME = "ca.pem", "ca.key"

@@ -1,9 +1,9 @@
 """A local instance as an unprivileged user that sees its own folders and nothing else of mlserve's.
 
-mlserve's home is private (0700), and often inside another private folder (~/.mlserve in /root,
+mlserve's home is private (root's and its gateway's), often inside another private folder (/root,
 where pyenv's Python lives too): the instance's user could not reach its own venv there, and
-opening the way for it would open it to the state (every project's environment values) and every
-other job's files. So the instance starts in a mount namespace of its own, in which each folder
+opening the way for it would open it to the state (every project's environment values) and to
+every other job's files. So the instance starts in a mount namespace of its own, in which each folder
 on the way to what it needs that its user cannot enter is covered by an empty tmpfs holding only
 those paths: its app, venv, Python and data read-only, its run folder and output as they are (their
 owners and modes decide: it writes only its socket folder and /output). Then it drops to the user,

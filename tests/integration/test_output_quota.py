@@ -102,7 +102,8 @@ def test_an_app_writing_past_its_output_limit_gets_enospc_and_the_host_disk_is_s
     dropped = before - _host_free(ms.home)
     assert answer["error"] in ("ENOSPC", "EDQUOT"), answer
     assert 24 * MiB <= answer["written"] <= 32 * MiB, answer  # the limit, less ext4's own bookkeeping
-    assert dropped <= 32 * MiB, f"the host's disk lost {dropped / MiB:.1f} MiB"
+    # At most the image's 32 MiB, with room for what else writes meanwhile (logs): never the 64 MB asked.
+    assert dropped <= 48 * MiB, f"the host's disk lost {dropped / MiB:.1f} MiB"
     assert image.stat().st_size == 32 * MiB and image.stat().st_blocks * 512 <= 32 * MiB
     # A full /output is the app's problem alone: it still answers, and so does another project's job.
     assert requests.get(out["endpoint"], timeout=10).json()["job"] == out["job"]

@@ -130,7 +130,7 @@ def test_output_defaults_to_1_gib_and_takes_a_size(tmp_path):
                                                                                   output_bytes=2 << 30)
 
 
-@pytest.mark.parametrize("value, form", [("0", "a value above zero"), ("-1g", "a size such as 512m or 2g"),
+@pytest.mark.parametrize("value, form", [("0", "a size of at least 1m"), ("512k", "a size of at least 1m"), ("-1g", "a size such as 512m or 2g"),
                                          ("lots", "a size such as 512m or 2g")])
 def test_an_output_limit_that_is_not_a_positive_size_is_refused(tmp_path, value, form):
     with pytest.raises(ProjectConfigError, match=f"limits.output must be {form}"):
