@@ -67,7 +67,7 @@ def pid(home: Home) -> int | None:
 def register(home: Home) -> None:
     """Called by the supervisor itself when it starts."""
     home.gateway_dir.mkdir(parents=True, exist_ok=True)
-    _pidfile(home).write_text(f"{os.getpid()} {code_fingerprint()}")
+    _write_private(_pidfile(home), f"{os.getpid()} {code_fingerprint()}")
 
 
 def unregister(home: Home) -> None:
@@ -79,8 +79,16 @@ def beat(home: Home, problems: list[str]) -> None:
     """Record that a round ended, and what went wrong in it."""
     path = home.gateway_dir / HEARTBEAT
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"problems": problems}))
+    _write_private(tmp, json.dumps({"problems": problems}))
     tmp.replace(path)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Root's alone, like every file of the gateway's folder (its workers pass through it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(path, 0o600)
 
 
 def heartbeat(home: Home) -> Heartbeat | None:
@@ -105,7 +113,8 @@ def ensure_running(home: Home) -> int | None:
     if running is not None:
         stop(home)
     home.gateway_dir.mkdir(parents=True, exist_ok=True)
-    with open(logfile(home), "ab") as log:
+    with os.fdopen(os.open(logfile(home), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        os.fchmod(log.fileno(), 0o600)
         process = subprocess.Popen(
             [sys.executable, "-m", MODULE],
             env={**os.environ, "MLSERVE_HOME": str(home.root)},

@@ -43,7 +43,8 @@ class Deployed:
     def private_files(self) -> list[Path]:
         home, gateway = self.ms.home, self.ms.home / "gateway"
         return [home / "state.db", home / "state.db-wal", gateway / "access.log", gateway / "error.log",
-                gateway / "nginx.conf", gateway / "routes.json", self.run / "uwsgi.ini", self.run / "manifest.json"]
+                gateway / "nginx.conf", gateway / "routes.json", gateway / "supervisor.log",
+                self.run / "uwsgi.ini", self.run / "manifest.json"]
 
     @property
     def sockets(self) -> list[Path]:
