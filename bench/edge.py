@@ -23,13 +23,12 @@ from typing import Any, Self
 
 import docker
 import requests
-from requests.adapters import HTTPAdapter
 from results import BenchError, Result, run_scenarios
 from routing import _CpuBusy
 from sandbox import sandbox
 from speed import WRK_CONNECTIONS, WRK_ROUNDS, WRK_SECONDS, container_pids
 
-from tests.harness import REPO, Mlserve, gateway_workers, seconds_until
+from tests.harness import REPO, Load, Mlserve, gateway_workers, seconds_until
 
 EDGE = "A public guarded edge (issue 9)"
 HELLO_APP = REPO / "bench" / "apps" / "hello"
@@ -99,44 +98,19 @@ def wrk(url: str, token: str, pids: dict[str, list[int]]) -> WrkRun:
                   {kind: seconds * 1e6 / requests_done for kind, seconds in spent.items()})
 
 
-class Client:
+class Client(Load):
     """Threads of a keep-alive requests.Session that send a bearer token and never retry, until stopped
     (or ``limit`` seconds). Every request is kept as (began, ended, outcome): the status code, or the
     exception's name; times are time.monotonic()."""
 
     def __init__(self, url: str, token: str, ca_file: str, threads: int = 1, limit: float = LOAD_LIMIT_S) -> None:
-        self.url, self.token, self.ca_file, self.limit = url, token, ca_file, limit
+        super().__init__(url, threads=threads, timeout=REQUEST_TIMEOUT_S, limit=limit, retries=False,
+                         headers={"Authorization": f"Bearer {token}"}, verify=ca_file)
         self.timeline: list[tuple[float, float, str]] = []
-        self.started = 0.0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
 
-    def _loop(self) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        session.mount("https://", HTTPAdapter(max_retries=0))
-        session.verify = self.ca_file
-        session.headers["Authorization"] = f"Bearer {self.token}"
-        while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
-            began = time.monotonic()
-            try:
-                outcome = str(session.get(self.url, timeout=REQUEST_TIMEOUT_S).status_code)
-            except requests.RequestException as exc:
-                outcome = type(exc).__name__
-            with self._lock:
-                self.timeline.append((began, time.monotonic(), outcome))
-
-    def __enter__(self) -> Self:
-        self.started = time.monotonic()
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=self.limit)
+    def note(self, began: float, ended: float, answer: requests.Response | None, failure: str | None) -> None:
+        outcome = str(answer.status_code) if answer is not None else (failure or "").split(":")[0]
+        self.timeline.append((began, ended, outcome))
 
     def first(self, outcome: str, after: float) -> float | None:
         """When the first answer ``outcome`` arrived of the requests that began after ``after``."""

@@ -112,7 +112,7 @@ def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted
                     state.delete_setting(key)
                 else:
                     state.set_setting(key, str(value))
-            platform.__dict__.pop("gateway", None)  # made again from the new settings
+            platform.forget_gateway()  # made again from the new settings
             Router(platform).apply(start=True)
         except MlserveError:
             for key, old in before.items():
@@ -120,7 +120,7 @@ def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted
                     state.delete_setting(key)
                 else:
                     state.set_setting(key, old)
-            platform.__dict__.pop("gateway", None)
+            platform.forget_gateway()
             raise
     return GatewayStarted(platform.gateway.url, str(ca) if ca else None, loopback, tls_on)
 

@@ -96,6 +96,10 @@ class Platform:
     def gateway(self) -> Gateway:
         return Gateway(self.home, self.gateway_settings())
 
+    def forget_gateway(self) -> None:
+        """Read the gateway's settings again on next use (`gateway start` may have changed them)."""
+        self.__dict__.pop("gateway", None)
+
     def endpoint(self, job_id: str) -> str:
         """A job's unique endpoint."""
         return f"{self.gateway.url}/serve/{job_id}"

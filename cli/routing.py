@@ -57,6 +57,9 @@ class Router:
 
         Raises GatewayError (and its subclasses) with nginx's words.
         """
+        # The settings as the record has them now (the caller holds the lock): a long-lived caller such as
+        # the supervisor must not put back what `gateway start` has changed since it last looked.
+        self.platform.forget_gateway()
         gateway = self.platform.gateway
         if start:
             self.state.delete_setting(STOPPED_BY_USER)

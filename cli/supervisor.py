@@ -56,6 +56,7 @@ class Supervisor:
     def tick(self) -> list[str]:
         """One round; returns what went wrong in it, one line per problem."""
         problems: list[str] = []
+        self.platform.forget_gateway()  # `gateway start` may have changed its settings since the last round
         self._restore_gateway(problems)
         seen, plan = self.reconciler.converge(problems)
         self.watches = {job.id: self.watches.get(job.id, Watch()) for job in seen.jobs}

@@ -217,8 +217,9 @@ class Load:
     the load it began at. Loopback only."""
 
     def __init__(self, url: str, threads: int = 4, timeout: float = 30, limit: float = 60,
-                 retries: bool = True) -> None:
+                 retries: bool = True, headers: dict[str, str] | None = None, verify: str | bool = True) -> None:
         self.url, self.timeout, self.limit, self.retries = url, timeout, limit, retries
+        self.headers, self.verify = headers or {}, verify  # e.g. a bearer token; the CA file of a TLS gateway
         self.ok = 0
         self.failures: list[tuple[float, str]] = []
         self.max_latency = 0.0
@@ -234,7 +235,10 @@ class Load:
         # closed (a reload closes idle ones) is retried on a new one; any HTTP answer counts as it is.
         # Without, nothing is retried, not even that: the strictest client there is.
         retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=["GET"], raise_on_status=False)
-        session.mount("http://", HTTPAdapter(max_retries=retry if self.retries else 0))
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, HTTPAdapter(max_retries=retry if self.retries else 0))
+        session.headers.update(self.headers)
+        session.verify = self.verify
         while not self._stop.is_set() and time.monotonic() - self.started < self.limit:
             began = time.monotonic()
             answer = None

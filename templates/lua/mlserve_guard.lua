@@ -129,7 +129,8 @@ function G.check(key, guard)
     if allowed then
         ngx.var.mlserve_cors_origin = allowed
     end
-    if ngx.req.get_method() == "OPTIONS" and origin and ngx.var.http_access_control_request_method then
+    -- Without cors: in mlserve.yml, a preflight is the app's to answer (it may do CORS itself).
+    if guard.cors and ngx.req.get_method() == "OPTIONS" and origin and ngx.var.http_access_control_request_method then
         if not allowed then
             return refuse(403, { error = "origin not allowed", project = key,
                                  detail = "list it under cors: origins: in the project's mlserve.yml" })

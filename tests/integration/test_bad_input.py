@@ -242,3 +242,16 @@ def test_a_cloned_mlserve_yml_cannot_mount_folders_outside_the_project(running, 
     assert result.returncode != 0
     assert "outside the project folder" in result.stderr and "--allow-data-outside" in result.stderr
     assert_nothing_left(ms, out, docker_client)
+
+
+@pytest.mark.parametrize("limits, key", [("{memory: 0}", "limits.memory"), ("{cpus: -1}", "limits.cpus"),
+                                         ("{pids: 0}", "limits.pids"), ("{tmp: 0}", "limits.tmp"),
+                                         ("{output: 0}", "limits.output")])
+def test_a_limit_cannot_be_removed_by_zeroing_it(running, docker_client, tmp_path, limits, key):
+    # Docker takes 0 as "no limit": mlserve.yml (perhaps a cloned repository's) must not lift one that way.
+    ms, out = running
+    folder = _project(tmp_path, WSGI)
+    (folder / "mlserve.yml").write_text(f"limits: {limits}\n")
+    result = ms("run", "--mode", "serve", cwd=folder, check=False)
+    assert result.returncode != 0 and key in result.stderr and "Building" not in result.stdout + result.stderr
+    assert_nothing_left(ms, out, docker_client)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import EXAMPLES, CommandError, make_mlserve, seconds_until, teardown_mlserve
+from tests.harness import EXAMPLES, CommandError, job_container, make_mlserve, seconds_until, teardown_mlserve, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -282,6 +282,11 @@ def test_cors_preflights_are_answered_at_the_gateway(mls, tmp_path):
     assert call.status_code == 200 and call.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
     denied = requests.post(url, headers={"Origin": "https://app.example.com"}, timeout=5)
     assert denied.status_code == 401 and denied.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    # Without cors: in mlserve.yml, a preflight is the app's own business (the app may do CORS itself).
+    other = _project(tmp_path, "plain")
+    mls("run", "--mode", "serve", cwd=other)
+    passed = requests.options(f"http://127.0.0.1:{mls.port}/serve/tester/projects/plain", headers=preflight, timeout=5)
+    assert passed.status_code != 403 and "Access-Control-Allow-Origin" not in passed.headers
     assert "Access-Control-Allow-Origin" not in requests.get(
         url, headers={"Origin": "https://evil.example.com", **_bearer(token)}, timeout=5).headers
 
@@ -323,3 +328,17 @@ def test_a_run_never_opens_a_project_that_was_closed(mls, tmp_path):
     mls("run", "--mode", "serve", "--replace", cwd=project)
     assert requests.get(url, timeout=5).status_code == 401
     assert "closed: token" in mls("access", "--project", "closed").stdout
+
+
+def test_healing_keeps_the_gateways_new_settings(mls, netns, docker_client, tmp_path):
+    # The supervisor started before the gateway was opened; routes it applies after healing a job must
+    # keep the gateway where the user put it (address, TLS), not the settings it first read.
+    project = _project(tmp_path, "healed", "access: token\n")
+    deployed = mls.json("run", "--mode", "serve", cwd=project)
+    opened = _open(mls, netns)
+    token = _token(mls, "healed")
+    job_container(docker_client, mls.home, deployed["id"]).kill()
+    assert wait_for(lambda: (j := mls.jobs()[deployed["job"]])["healthy"] and j["restarts"] >= 1, timeout=60)
+    assert f"listen {netns.host_address}:{mls.port} ssl" in mls.gateway_conf()
+    answer = netns.call(f"{opened['url']}/serve/tester/projects/healed", verify=opened["ca_file"], headers=_bearer(token))
+    assert answer["status"] == 200
