@@ -8,10 +8,12 @@ from dataclasses import dataclass, replace
 
 from .config import ValueProblem, duration_s
 from .edge import check_open_to_anyone
-from .errors import JobNotFoundError, UsageError
+from .errors import JobNotFoundError, MlserveError, UsageError
 from .guard import ACCESS, TOKEN_NAME_RE, Guard, Token, digest, new_token, rate_limit
 from .platform import Platform
 from .routing import Router
+
+MAX_EXPIRES_S = 100 * 365 * 86400
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class Access:
                 seconds = duration_s(expires)
             except ValueProblem as problem:
                 raise UsageError(f"--expires {expires!r} is not {problem}") from None
-            if seconds <= 0:
-                raise UsageError("--expires must be a duration above zero, such as 30d or 12h")
+            if not 0 < seconds <= MAX_EXPIRES_S:
+                raise UsageError("--expires must be a duration above zero and at most 100 years, such as 30d or 12h")
             expires_at = time.time() + seconds
         limit = None
         if rate is not None:
@@ -60,7 +62,10 @@ class Access:
                                  f"Revoke it first (`mlserve token revoke {name} --project {project}`) or pick another name.")
             token = Token(owner, project, name, digest(secret), now, expires_at, None, limit)
             self.state.add_token(token)
-            Router(self.platform).apply()
+            try:
+                Router(self.platform).apply()
+            except MlserveError as exc:  # the token is made: it must be shown; it works once the gateway does
+                self.platform.report(f"Notice: the gateway did not take the new token yet: {exc.message}")
         return NewToken(token, secret)
 
     def tokens(self, owner: str, project: str | None) -> list[Token]:
@@ -70,11 +75,10 @@ class Access:
         """Revoke a token: refused from the next request on. Raises JobNotFoundError for an unknown name."""
         with self.state.lock():
             if not self.state.revoke_token(owner, project, name, time.time()):
-                known = [t for t in self.state.tokens(owner, project) if t.name == name]
-                if known:
-                    raise UsageError(f"token {name} of {owner}/projects/{project} is revoked already")
-                raise JobNotFoundError(f"{owner}/projects/{project} has no token named {name}",
-                                       f"`mlserve token list --project {project}` lists them.")
+                if not any(t.name == name for t in self.state.tokens(owner, project)):
+                    raise JobNotFoundError(f"{owner}/projects/{project} has no token named {name}",
+                                           f"`mlserve token list --project {project}` lists them.")
+            # Revoked already (perhaps by a command whose push failed): pushed again all the same.
             Router(self.platform).apply()
         return next(t for t in self.state.tokens(owner, project) if t.name == name)
 

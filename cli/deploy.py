@@ -138,6 +138,8 @@ class Deployer:
         new version). With --replace, then stop the jobs of the kind it replaces. If its jobs never
         become healthy, the version, the split and the guard are undone and nothing else moved."""
         with self.state.lock():
+            # Again under the lock: the gateway may have been opened while this run was building.
+            check_open_to_anyone(self.platform, [(f"{owner}/projects/{project}", guard)])
             guard_before = self.state.guard(owner, project)
             self.state.set_guard(owner, project, guard)
             before = self.state.traffic(owner, project)

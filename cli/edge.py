@@ -5,7 +5,9 @@ Cloud Run's word for it).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import shutil
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,9 +15,11 @@ from pathlib import Path
 
 from . import tls
 from .errors import MlserveError, UsageError
+from .gateway import PUBLIC_URL_RE, GatewaySettings
 from .guard import Guard
 from .platform import Platform
 from .routing import Router
+from .state import StateStore
 
 ALLOW_UNAUTHENTICATED = "gateway.allow_unauthenticated"
 TLS_MODES = ("self-signed", "off")
@@ -46,21 +50,23 @@ class GatewayStarted:
     tls: bool
 
 
-def check_open_to_anyone(platform: Platform, guards: Iterable[tuple[str, Guard]], host: str | None = None,
-                         allowed: bool | None = None) -> None:
-    """Refuse to serve a project that says `access: public` on a gateway open to the network, unless the
-    user allowed it. ``host``/``allowed`` are the gateway's to be; by default, its current ones.
+def check_open_to_anyone(platform: Platform, guards: Iterable[tuple[str, Guard]],
+                         settings: GatewaySettings | None = None, allowed: bool | None = None) -> None:
+    """Refuse to serve a project that says `access: public` on a gateway others can reach, unless the
+    user allowed it. ``settings``/``allowed`` are the gateway's to be; by default, its current ones.
     Raises UsageError naming the projects."""
-    settings = platform.gateway.settings
-    loopback = ipaddress.ip_address(host or settings.host).is_loopback
+    if settings is None:
+        platform.forget_gateway()  # as the record has them now (a caller holding the lock sees the last word)
+    to_be = settings or platform.gateway.settings
     if allowed is None:
         allowed = platform.state.get_setting(ALLOW_UNAUTHENTICATED) is not None
     public = sorted(key for key, guard in guards if guard.access == "public")
-    if loopback or allowed or not public:
+    if to_be.loopback or allowed or not public:
         return
+    where = to_be.public_url or f"{to_be.host}, beyond this machine"
     raise UsageError(
         f"{', '.join(public)} {'is' if len(public) == 1 else 'are'} open to anyone (access: public), and the "
-        f"gateway {'would listen' if host else 'listens'} on {host or settings.host}, beyond this machine",
+        f"gateway {'would be' if settings else 'is'} reachable at {where}",
         "Require tokens (`access: token` in mlserve.yml, `mlserve run --access token`, or `mlserve access token "
         "--project P`), or let anyone on the network call them: `mlserve gateway start --allow-unauthenticated`.",
     )
@@ -87,6 +93,9 @@ def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted
         raise UsageError("--tls-cert and --tls-key go together")
     tls_on = current.tls if options.tls is None and not options.tls_cert else options.tls != "off"
     public_url = current.public_url if options.public_url is None else (_public_url(options.public_url) or None)
+    if tls_on and public_url and public_url.startswith("http://"):
+        raise UsageError(f"--public-url {public_url} is plain http, and the gateway speaks TLS",
+                         "Give the https:// URL clients use (plain HTTP on the port is redirected there).")
     if not loopback and not tls_on:
         raise UsageError(
             f"the gateway would listen on {host}, beyond this machine, without TLS",
@@ -100,29 +109,59 @@ def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted
         "gateway.timeout_s": options.timeout_s, "gateway.tls": "1" if tls_on else "",
         "gateway.public_url": public_url or "", ALLOW_UNAUTHENTICATED: "1" if allowed else "",
     }
+    to_be = dataclasses.replace(current, host=host, tls=tls_on, public_url=public_url)
     with state.lock():
-        check_open_to_anyone(platform, project_guards(platform), host, allowed)
+        check_open_to_anyone(platform, project_guards(platform), to_be, allowed)
         before = {key: state.get_setting(key) for key in SETTINGS}
+        certificates = _Backup(tls.tls_dir(platform.home.gateway_dir))
         try:
             ca = _certificate(platform, options, host, public_url) if tls_on else None
             for key, value in changes.items():
-                if value is None:
-                    continue
-                if value == "":
-                    state.delete_setting(key)
-                else:
-                    state.set_setting(key, str(value))
+                if value is not None:
+                    _set(state, key, str(value))
             platform.forget_gateway()  # made again from the new settings
             Router(platform).apply(start=True)
-        except MlserveError:
+        except BaseException:
+            # Everything as it was: the settings, the certificate files, and the gateway serving with them.
             for key, old in before.items():
-                if old is None:
-                    state.delete_setting(key)
-                else:
-                    state.set_setting(key, old)
+                _set(state, key, old or "")
+            certificates.restore()
             platform.forget_gateway()
+            try:
+                Router(platform).apply()
+            except MlserveError:
+                pass  # the error to show is the new settings'; the supervisor keeps trying the old ones
             raise
-    return GatewayStarted(platform.gateway.url, str(ca) if ca else None, loopback, tls_on)
+        finally:
+            certificates.discard()
+    return GatewayStarted(platform.gateway.url, str(ca) if ca else None, to_be.loopback, tls_on)
+
+
+def _set(state: StateStore, key: str, value: str) -> None:
+    """A setting, or none when ``value`` is empty."""
+    if value:
+        state.set_setting(key, value)
+    else:
+        state.delete_setting(key)
+
+
+class _Backup:
+    """A copy of a folder that can be put back (the gateway's certificates while they change)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.copy = folder.with_name(folder.name + ".before")
+        shutil.rmtree(self.copy, ignore_errors=True)
+        if folder.exists():
+            shutil.copytree(folder, self.copy)  # modes kept: the keys stay 0600
+
+    def restore(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.copy.exists():
+            self.copy.rename(self.folder)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.copy, ignore_errors=True)
 
 
 def _certificate(platform: Platform, options: GatewayOptions, host: str, public_url: str | None) -> Path | None:
@@ -158,12 +197,9 @@ def _public_url(value: str) -> str:
         port_ok = parts.port is None or 0 < parts.port < 65536
     except ValueError:
         port_ok = False
-    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
-            or parts.username or parts.password or not port_ok or not _plain(parts.path)):
+    if (not PUBLIC_URL_RE.fullmatch(text) or not parts.hostname or parts.query or parts.fragment
+            or parts.username or parts.password or not port_ok):
         raise UsageError(f"--public-url {value!r} is not a URL such as https://models.example.com or "
                          "https://example.com:8443/ml (http or https, a host, an optional port and path, no query)")
     return text
 
-
-def _plain(path: str) -> bool:
-    return all(c.isalnum() or c in "/._~-" for c in path) and "//" not in path

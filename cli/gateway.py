@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,7 +31,7 @@ from mlserve_runtime.logfile import truncate_if_large
 
 from . import tls
 from .constants import ENDPOINT_ID_LENGTH, GATEWAY_USER, STATS_SOCKET_NAME
-from .errors import GatewayError, GatewayPortInUseError, NginxNotInstalledError
+from .errors import GatewayError, GatewayPortInUseError, MlserveError, NginxNotInstalledError
 from .home import Home
 from .privileges import prepare_gateway
 from .programs import find_program
@@ -75,7 +76,12 @@ class GatewaySettings:
 
     @property
     def loopback(self) -> bool:
-        return ipaddress.ip_address(self.host).is_loopback
+        """Whether only this machine can call the gateway: it listens on loopback and no public URL says
+        that something (a proxy) brings others to it."""
+        if not ipaddress.ip_address(self.host).is_loopback:
+            return False
+        public = urllib.parse.urlsplit(self.public_url).hostname if self.public_url else None
+        return public is None or public == "localhost" or _is_loopback_address(public)
 
     @property
     def url(self) -> str:
@@ -328,18 +334,48 @@ class Gateway:
         text, generation = self.render()
         master = self.pid()
         if master is None or not self.config.exists() or self.config.read_text() != text:
+            if master is not None and not self.settings.loopback:
+                # Opening to the network: the table of the open gateway (tokens required) goes first, so
+                # no request from the network is ever guarded by the table of the loopback gateway.
+                self._push(table)
             self._configure(nginx, text, generation, master)
         self._push(table)
 
     def _configure(self, nginx: str, text: str, generation: str, master: int | None) -> None:
         if master is not None and self._listen_line() not in self.config.read_text():
-            self._check_port()  # a new address: nginx would fail to bind it only after the reload
+            old = _listen_address(self.config.read_text())
+            if old is not None and old[1] == self.settings.port:
+                self._rebind(nginx, text, generation)
+                return
+            self._check_port()  # a new port: nginx would fail to bind it only after the reload
         candidate = self._checked(nginx, text)
         candidate.replace(self.config)
         old_workers = self._reload(master) if master is not None else None
         if old_workers is None:
             self._start(nginx)
         self._wait_for(generation, old_workers or set())
+
+    def _rebind(self, nginx: str, text: str, generation: str) -> None:
+        """Another address on the same port: the running nginx holds the port (127.0.0.1:P and 0.0.0.0:P
+        overlap), so it stops (requests in flight finish) and starts on the new address; if that fails,
+        it starts again where it was."""
+        try:
+            self._check_port()  # an address this machine does not have fails here, before any stop
+        except GatewayPortInUseError:
+            pass  # this gateway itself, perhaps, on the old address: known once it has stopped
+        before = self.config.read_text()
+        self.stop()
+        try:
+            self._checked(nginx, text).replace(self.config)
+            self._start(nginx)
+            self._wait_for(generation, set())
+        except MlserveError:
+            self.config.write_text(before)
+            try:
+                self._start(nginx)
+            except MlserveError:
+                pass  # the error to show is the new address's; the supervisor brings the gateway back
+            raise
 
     def _push(self, table: dict[str, Any]) -> None:
         """Hand the routing table to the router (shared by all workers); raises GatewayError if refused."""
@@ -613,6 +649,19 @@ def _listening(pids: set[int]) -> set[int]:
         return set()
     listening = {f"socket:[{inode}]" for inode in _listening_inodes()}
     return {pid for pid in pids if listening.intersection(_fd_targets(pid))}
+
+
+def _is_loopback_address(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen_address(config: str) -> tuple[str, int] | None:
+    """The address and port a rendered nginx.conf listens on."""
+    found = re.search(r"^\s*listen \[?([0-9A-Fa-f.:]+)\]?:([0-9]+) ", config, re.MULTILINE)
+    return (found.group(1), int(found.group(2))) if found else None
 
 
 def _require(pattern: re.Pattern[str], value: str, what: str) -> None:

@@ -27,6 +27,7 @@ RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)
 _RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 RATE_FORM = "a rate such as 50/s, 600/m or 1000/h"
 MAX_RATE_PER_S = 1_000_000.0
+MIN_RATE_PER_S = 1 / 3600
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ def parse_rate(value: object) -> float:
     if not match:
         raise ValueError(RATE_FORM)
     per_s = float(match.group(1)) / _RATE_UNITS[match.group(2)]
-    if not 0 < per_s <= MAX_RATE_PER_S:
-        raise ValueError(f"{RATE_FORM}, above zero and at most {MAX_RATE_PER_S:g}/s")
+    if not MIN_RATE_PER_S <= per_s <= MAX_RATE_PER_S:
+        raise ValueError(f"{RATE_FORM}, from 1/h to {MAX_RATE_PER_S:g}/s")
     return per_s
 
 

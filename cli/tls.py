@@ -24,6 +24,7 @@ CERT_NAME, KEY_NAME = "cert.pem", "key.pem"
 CA_NAME, CA_KEY_NAME = "ca.pem", "ca.key"
 NAMES_NAME = "names.json"  # the names the self-signed certificate was made for
 CA_DAYS, CERT_DAYS = 3650, 825  # 825: the longest validity Apple's clients accept for a server certificate
+RENEW_BEFORE_S = 30 * 86400  # a self-signed certificate this close to its end is made again
 OPENSSL_HINT = "Install it with `apt-get install -y openssl` (or `mlserve setup` as root)."
 
 
@@ -81,11 +82,19 @@ def self_signed(gateway_dir: Path, host: str, public_host: str | None) -> TlsFil
         made_for = set(json.loads((folder / NAMES_NAME).read_text()))
     except (OSError, ValueError, TypeError):
         made_for = set()
-    if files.cert.exists() and files.key.exists() and set(names) <= made_for:
+    if files.cert.exists() and files.key.exists() and set(names) <= made_for and _valid_for(files.cert, RENEW_BEFORE_S):
         return files
     _make_cert(folder, names)
     (folder / NAMES_NAME).write_text(json.dumps(names))
     return installed(gateway_dir)
+
+
+def _valid_for(cert: Path, seconds: int) -> bool:
+    """Whether the certificate is still valid ``seconds`` from now."""
+    openssl = find_program("openssl")
+    return bool(openssl) and subprocess.run(
+        [str(openssl), "x509", "-in", str(cert), "-noout", "-checkend", str(seconds)],
+        capture_output=True, stdin=subprocess.DEVNULL).returncode == 0
 
 
 def host_names(host: str, public_host: str | None) -> list[str]:

@@ -66,9 +66,9 @@ local function over_limit(key, rate, burst)
         ngx.log(ngx.ERR, "mlserve: rate limit counter: ", err)
         return nil -- a full shared dict must not take the endpoint down
     end
-    if tat < now + interval then -- idle since: the counter restarts from now
-        tat = now + interval
-        shared:set(key, tat)
+    if tat < now + interval then -- idle since: the counter restarts from now (an incr, so that requests
+        -- other workers counted at the same moment are kept)
+        tat = shared:incr(key, now + interval - tat) or tat
     end
     local early = tat - now - burst * interval
     if early > 1e-9 then
@@ -158,17 +158,27 @@ function G.check(key, guard)
                           { ["WWW-Authenticate"] = challenge .. ', error="invalid_token"' })
         end
     end
-    if guard.rate then
-        local wait = over_limit("rate:" .. key, guard.rate, guard.burst)
-        if wait then
-            return too_many("project", wait)
-        end
-    end
-    if token and token.rate then
-        local wait = over_limit("rate:" .. key .. ":" .. tostring(token.name), token.rate, token.burst)
+    -- A token over its own limit is refused before it takes anything of the project's.
+    local token_key = token and token.rate and ("rate:" .. key .. ":" .. tostring(token.name))
+    if token_key then
+        local wait = over_limit(token_key, token.rate, token.burst)
         if wait then
             return too_many("token", wait)
         end
+    end
+    if guard.rate then
+        local wait = over_limit("rate:" .. key, guard.rate, guard.burst)
+        if wait then
+            if token_key then
+                shared:incr(token_key, -1 / tonumber(token.rate)) -- it was not served: not the token's either
+            end
+            return too_many("project", wait)
+        end
+    end
+    if token then
+        -- The app never sees a caller's token (it may log it); it learns which token called.
+        ngx.var.mlserve_authorization = ""
+        ngx.var.mlserve_token_name = tostring(token.name)
     end
 end
 

@@ -342,3 +342,38 @@ def test_healing_keeps_the_gateways_new_settings(mls, netns, docker_client, tmp_
     assert f"listen {netns.host_address}:{mls.port} ssl" in mls.gateway_conf()
     answer = netns.call(f"{opened['url']}/serve/tester/projects/healed", verify=opened["ca_file"], headers=_bearer(token))
     assert answer["status"] == 200
+
+
+def test_opening_on_all_addresses_of_the_same_port_and_closing_again(mls, netns, tmp_path):
+    # 127.0.0.1:P and 0.0.0.0:P overlap: the gateway moves from one to the other on the same port.
+    project = _project(tmp_path, "everywhere")
+    mls("run", "--mode", "serve", cwd=project)
+    path = "/serve/tester/projects/everywhere"
+    opened = mls.json("gateway", "start", "--host", "0.0.0.0", "--tls", "self-signed")
+    assert not opened["url"].startswith("https://0.0.0.0")
+    # Every address: the other machine reaches it on the veth address, which the certificate names.
+    token = _token(mls, "everywhere")
+    answer = netns.call(f"https://{netns.host_address}:{mls.port}{path}", verify=opened["ca_file"],
+                        headers=_bearer(token))
+    assert answer["status"] == 200
+    assert requests.get(f"https://127.0.0.1:{mls.port}{path}", verify=opened["ca_file"], timeout=5).status_code == 401
+    closed = mls.json("gateway", "start", "--host", "127.0.0.1", "--tls", "off")
+    assert closed["url"] == f"http://127.0.0.1:{mls.port}"
+    assert requests.get(f"{closed['url']}{path}", timeout=5).status_code == 200
+    assert "error" in netns.call(f"http://{netns.host_address}:{mls.port}{path}")
+
+
+def test_a_public_url_means_others_reach_it_and_the_app_never_sees_a_token(mls, tmp_path):
+    # Behind a proxy the gateway listens on loopback, yet others call it: tokens are required.
+    project = tmp_path / "proxied"
+    shutil.copytree(Path(__file__).parent / "apps" / "probe", project)
+    (project / "mlserve.yml").write_text("project: proxied\n")
+    mls("run", "--mode", "serve", cwd=project)
+    url = f"http://127.0.0.1:{mls.port}/serve/tester/projects/proxied"
+    assert requests.get(url, headers=_bearer("mls_whatever"), timeout=5).json()["headers"]["HTTP_AUTHORIZATION"]
+    named = mls.json("gateway", "start", "--public-url", "https://models.example.com")
+    assert named["network"] is True and named["url"] == "https://models.example.com"
+    assert requests.get(url, timeout=5).status_code == 401
+    token = _token(mls, "proxied", "--name", "ci")
+    seen = requests.get(url, headers={**_bearer(token), "X-Mlserve-Token": "admin"}, timeout=5).json()["headers"]
+    assert "HTTP_AUTHORIZATION" not in seen and seen["HTTP_X_MLSERVE_TOKEN"] == "ci"

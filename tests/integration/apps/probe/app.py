@@ -21,6 +21,7 @@ def app(environ, start_response):
         "manifest": os.environ.get("MANIFEST_FILE"),
         "version": 1,
         "environ": sorted(os.environ),
+        "headers": {k: v for k, v in environ.items() if k.startswith("HTTP_")},
     }
     data = json.dumps(payload).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
