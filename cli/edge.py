@@ -114,6 +114,8 @@ def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted
         check_open_to_anyone(platform, project_guards(platform), to_be, allowed)
         before = {key: state.get_setting(key) for key in SETTINGS}
         certificates = _Backup(tls.tls_dir(platform.home.gateway_dir))
+        config = platform.gateway.config
+        config_before = config.read_text() if config.exists() else None
         try:
             ca = _certificate(platform, options, host, public_url) if tls_on else None
             for key, value in changes.items():
@@ -127,8 +129,12 @@ def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted
                 _set(state, key, old or "")
             certificates.restore()
             platform.forget_gateway()
-            try:
-                Router(platform).apply()
+            changed = config_before is not None and (not config.exists() or config.read_text() != config_before)
+            try:  # the old configuration again if the new one took effect, and the old table in any case
+                if changed:
+                    Router(platform).apply()
+                else:
+                    Router(platform).push()
             except MlserveError:
                 pass  # the error to show is the new settings'; the supervisor keeps trying the old ones
             raise

@@ -341,6 +341,10 @@ class Gateway:
             self._configure(nginx, text, generation, master)
         self._push(table)
 
+    def push(self, routes: Iterable[Route], projects: Iterable[ProjectTraffic] = ()) -> None:
+        """Hand the running gateway a routing table, its configuration untouched. Raises GatewayError."""
+        self._push(self.routing_table(routes, projects))
+
     def _configure(self, nginx: str, text: str, generation: str, master: int | None) -> None:
         if master is not None and self._listen_line() not in self.config.read_text():
             old = _listen_address(self.config.read_text())

@@ -66,6 +66,14 @@ class Router:
         if gateway.is_running() or start or (not self.stopped_by_user and self.state.jobs(active_only=True)):
             gateway.apply(self.routes(), self.projects())
 
+    def push(self) -> None:
+        """Hand the running gateway the table from the record, its configuration untouched (after a
+        failed settings change that had pushed the new settings' table first)."""
+        self.platform.forget_gateway()
+        gateway = self.platform.gateway
+        if gateway.is_running():
+            gateway.push(self.routes(), self.projects())
+
     def stop_gateway(self) -> bool:
         """Stop nginx and remember that the user wants it stopped; False when it was not running."""
         self.state.set_setting(STOPPED_BY_USER, "1")
