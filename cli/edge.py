@@ -72,15 +72,6 @@ def check_open_to_anyone(platform: Platform, guards: Iterable[tuple[str, Guard]]
     )
 
 
-def project_guards(platform: Platform) -> list[tuple[str, Guard]]:
-    """Every project on record with its guard."""
-    guards = []
-    for key in platform.state.projects():
-        owner, _, project = key.split("/", 2)
-        guards.append((key, platform.state.guard(owner, project)))
-    return guards
-
-
 def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted:
     """Change the gateway's settings and start (or reload) it. A gateway that cannot start keeps its old
     settings. Raises UsageError for a bad flag, GatewayError when nginx refuses."""
@@ -111,7 +102,7 @@ def start_gateway(platform: Platform, options: GatewayOptions) -> GatewayStarted
     }
     to_be = dataclasses.replace(current, host=host, tls=tls_on, public_url=public_url)
     with state.lock():
-        check_open_to_anyone(platform, project_guards(platform), to_be, allowed)
+        check_open_to_anyone(platform, state.guards().items(), to_be, allowed)
         before = {key: state.get_setting(key) for key in SETTINGS}
         certificates = _Backup(tls.tls_dir(platform.home.gateway_dir))
         config = platform.gateway.config

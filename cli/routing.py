@@ -41,10 +41,10 @@ class Router:
         for token in self.state.tokens():
             tokens.setdefault(token.project_key, []).append(token)
         projects = []
-        for key in self.state.projects():
+        for key, guard in self.state.guards().items():
             owner, _, project = key.split("/", 2)
-            guard = guard_table(self.state.guard(owner, project), loopback, tokens.get(key, []), now)
-            projects.append(ProjectTraffic(key, self.state.traffic(owner, project), latest.get(key, 0), guard))
+            table = guard_table(guard, loopback, tokens.get(key, []), now)
+            projects.append(ProjectTraffic(key, self.state.traffic(owner, project), latest.get(key, 0), table))
         return projects
 
     @property

@@ -200,6 +200,11 @@ class Version:
         return f"{self.owner}/projects/{self.project}"
 
 
+def _row_to_guard(access: str | None, rate: float | None, burst: int | None, cors: str | None) -> Guard:
+    return Guard(access, RateLimit(rate, burst or 1) if rate is not None else None,
+                 Cors(tuple(json.loads(cors))) if cors is not None else None)
+
+
 def _row_to_version(row: sqlite3.Row) -> Version:
     return Version(row["owner"], row["project"], row["number"], JobSpec.from_json(row["spec"]), bool(row["fallback"]),
                    row["created_at"])
@@ -434,11 +439,15 @@ class StateStore:
     def guard(self, owner: str, project: str) -> Guard:
         row = self._conn.execute("SELECT access, rate, burst, cors FROM guards WHERE owner = ? AND project = ?",
                                  (owner, project)).fetchone()
-        if row is None:
-            return Guard()
-        access, rate, burst, cors = row
-        return Guard(access, RateLimit(rate, burst) if rate is not None else None,
-                     Cors(tuple(json.loads(cors))) if cors is not None else None)
+        return Guard() if row is None else _row_to_guard(*row)
+
+    def guards(self) -> dict[str, Guard]:
+        """Every project on record (owner/projects/project) with its guard, in one query."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT j.owner, j.project, g.access, g.rate, g.burst, g.cors FROM jobs j"
+            " LEFT JOIN guards g ON g.owner = j.owner AND g.project = j.project ORDER BY j.owner, j.project")
+        return {f"{owner}/projects/{project}": _row_to_guard(access, rate, burst, cors)
+                for owner, project, access, rate, burst, cors in rows}
 
     def set_guard(self, owner: str, project: str, guard: Guard) -> None:
         with self._tx() as db:
