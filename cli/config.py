@@ -182,6 +182,7 @@ class ProjectConfig:
     access: str | None = None  # public | token; None: as the gateway (public on loopback, token when open)
     rate: RateLimit | None = None  # limits: {rate, burst}: the whole project's request rate at the gateway
     cors: Cors | None = None
+    cluster: str | None = None  # the cluster target (`mlserve cluster add`) its commands go to
 
 
 # What an instance may reach: the internet but not this host, private ranges, the metadata address or
@@ -294,6 +295,7 @@ TOP_LEVEL: dict[str, Callable[[object], Any]] = {
     "network": network,
     "access": access,
     "cors": _cors,
+    "cluster": _text,
 }
 
 

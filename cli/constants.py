@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# Defined where the probes are (they run inside instances too, without mlserve): one definition.
+from mlserve_runtime.health import HEALTH_TIMEOUT_S as HEALTH_TIMEOUT_S  # a check slower than this fails
+from mlserve_runtime.health import HEALTH_VAR as HEALTH_VAR  # uwsgi var only the probe sets; nginx never forwards it
+from mlserve_runtime.health import LOAD_GRACE_S as LOAD_GRACE_S  # a worker loading the app longer is stuck
+from mlserve_runtime.health import STATS_TIMEOUT_S as STATS_TIMEOUT_S  # for the master's stats answer
+
 LABEL_PREFIX = "io.mlserve"
 LABEL_HOME = f"{LABEL_PREFIX}.home"  # the MLSERVE_HOME that owns the object
 LABEL_JOB = f"{LABEL_PREFIX}.job"  # endpoint id of the serving job
@@ -29,7 +35,6 @@ STATS_SOCKET_NAME = f"{SOCKET_DIR}/stats.sock"  # the uWSGI master's stats, next
 UWSGI_INI_NAME = "uwsgi.ini"
 MANIFEST_NAME = "manifest.json"
 INSTANCE_LOG_NAME = "instance.log"  # in the run dir: a local instance's output, a stopped container's last lines
-HEALTH_VAR = "MLSERVE_HEALTH"  # uwsgi var only the host's probe sets; nginx never forwards it
 
 ENDPOINT_ID_LENGTH = 22
 DEFAULT_ENV = "default"
@@ -38,12 +43,9 @@ LOCAL_BASE_IMAGE = "mlserve/base:bookworm"  # built by `mlserve setup` where not
 
 # Self-healing: the supervisor's defaults (mlserve.yml `health:` overrides them per project).
 HEALTH_INTERVAL_S = 2.0  # between checks of one instance
-HEALTH_TIMEOUT_S = 2.0  # a check slower than this fails
 HEALTH_FAILURES = 2  # consecutive failed checks take a job out of the rotation
 RESTART_AFTER_FAILURES = 5  # ... and this many restart it
 MAX_RESTART_STREAK = 5  # restarts without a healthy spell in between before a job is `failed`
 HEALTHY_SPELL_S = 30.0  # healthy this long, and a job's restart streak is forgotten
-STATS_TIMEOUT_S = 1.0  # for the master's stats answer (it answers even when every worker is busy)
-LOAD_GRACE_S = 120.0  # a worker still loading the app after this long is stuck, not starting
 DEFAULT_MAX_RUNTIME_S = 7 * 24 * 3600
 DRAIN_GRACE_S = 0.5  # after leaving the rotation, before SIGTERM: requests on their way still land

@@ -18,6 +18,7 @@ from docker.models.containers import Container
 from docker.utils import parse_repository_tag
 
 from .errors import EngineUnavailableError, MlserveError
+from .text import printable
 
 START_ADVICE = (
     "Start the engine (as root: `mlserve setup`, or `dockerd &`), point DOCKER_HOST at a running one, "
@@ -183,6 +184,34 @@ class Engine:
     def pull(self, ref: str) -> None:
         with engine_errors(f"pulling {ref}"):
             self.client.images.pull(ref)
+
+    def push(self, source: str, ref: str) -> str:
+        """Tag image ``source`` as ``ref`` and push it; its registry digest (sha256:...). The local tag
+        ``ref`` goes again afterwards. Raises MlserveError with the registry's words when it refuses."""
+        repository, tag = parse_repository_tag(ref)
+        digest = ""
+        try:
+            with engine_errors(f"pushing {ref}"):
+                self.client.images.get(source).tag(repository, tag)
+                for event in self.client.api.push(repository, tag=tag, stream=True, decode=True):
+                    if event.get("error"):
+                        raise MlserveError(f"the registry refused the push of {ref}: {printable(event['error'])[:300]}",
+                                           "Check the registry's address and that `docker login` has its credentials.")
+                    digest = (event.get("aux") or {}).get("Digest") or digest
+        finally:
+            self.untag(ref)
+        if not digest.startswith("sha256:"):
+            raise MlserveError(f"the registry gave no digest for {ref}", "Check the registry with `docker push` by hand.")
+        return digest
+
+    def registry_has(self, ref: str) -> bool:
+        """Whether the registry answers for ``ref`` (name@digest) as a node's pull would ask it."""
+        with engine_errors(f"asking the registry for {ref}"):
+            try:
+                self.client.images.get_registry_data(ref)
+                return True
+            except docker.errors.APIError:
+                return False
 
     def untag(self, ref: str) -> None:
         """Remove a tag; noprune keeps the parent layers, so the next build still starts from the cache."""

@@ -8,7 +8,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from .edge import ALLOW_UNAUTHENTICATED, TLS_MODES, GatewayOptions, start_gatewa
 from .errors import MlserveError, UsageError
 from .guard import ACCESS
 from .instances import Instances
+from .kube.cluster import chosen as cluster_choice
+from .kube.cluster import make_target
+from .kube.cluster import target as cluster_target
 from .lookup import folder_project, resolve
 from .platform import RUNTIMES, Platform
 from .project import validate_project_name
@@ -29,6 +32,9 @@ from .secrets import Secrets, check_name, read_value
 from .traffic import Traffic
 from .versions import Split, VersionView, set_traffic, split
 from .views import status_views
+
+if TYPE_CHECKING:
+    from .kube.deploy import ClusterDeployer
 
 
 class MlserveGroup(click.Group):
@@ -69,6 +75,48 @@ def _revived(quiet: bool = False) -> Platform:
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+_cluster_option = click.option(
+    "--cluster", envvar="MLSERVE_CLUSTER", metavar="NAME",
+    help="On this Kubernetes cluster (`mlserve cluster add`; default: MLSERVE_CLUSTER, else mlserve.yml's cluster:).")
+
+
+def _cluster(flag: str | None, quiet: bool = False) -> ClusterDeployer | None:
+    """The cluster a command goes to (None: this machine)."""
+    name = cluster_choice(flag)
+    if name is None:
+        return None
+    from .kube.deploy import ClusterDeployer
+
+    platform = _platform(quiet)
+    return ClusterDeployer(platform, cluster_target(platform.state, name))
+
+
+def _run_on_cluster(kube: ClusterDeployer, request: RunRequest, as_json: bool, follow: bool) -> None:
+    done = kube.run(request)
+    job = done.jobs[0]
+    endpoints = {j.id: kube.endpoint(j.id) for j in done.jobs}
+    name = f"{done.ref.key}/{job.number}"
+    if as_json:
+        _emit_json({"job": name, "id": job.id, "endpoint": endpoints[job.id], "cluster": kube.target.name,
+                    "project_endpoint": kube.project_endpoint(done.ref), "runtime": "kubernetes",
+                    "build": done.build, "image": done.image, "version": done.version,
+                    "version_endpoint": kube.version_endpoint(done.ref, done.version),
+                    "jobs": [{"job": f"{done.ref.key}/{j.number}", "id": j.id, "endpoint": endpoints[j.id]}
+                             for j in done.jobs], "replaced": done.replaced, "access": "public"})
+    else:
+        for other in done.jobs[1:]:
+            click.echo(f"Also started {done.ref.key}/{other.number}: {endpoints[other.id]}")
+        click.echo(f"\nJOB NAME (cluster {kube.target.name})\n{'-' * 38}\n{name}\n")
+        click.echo(f"URL to service endpoint: {endpoints[job.id]}")
+        click.echo(f"URL to project endpoint: {kube.project_endpoint(done.ref)}")
+        click.echo(f"URL to version endpoint: {kube.version_endpoint(done.ref, done.version)} (version {done.version})")
+        click.echo(_version_traffic(done.version, job.fallback, done.traffic))
+        click.echo(f"\nTry: curl -F file=@<your file> {kube.project_endpoint(done.ref)}")
+    if follow:
+        for line in kube.logs(job.id, follow=True, tail=None):
+            click.echo(line)
 
 
 @click.group(cls=MlserveGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,11 +188,12 @@ def validate(directory: Path) -> None:
 @click.option("--access", type=click.Choice(ACCESS),
               help="Who may call the project: public (anyone) or token (default: mlserve.yml's `access:`, else "
                    "public while the gateway listens on loopback only and token once it is open).")
+@_cluster_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, workers: int | None,
         runtime: str | None, ca_bundle: str | None, as_json: bool, max_runtime: str | None, follow: bool,
         replace: bool, canary: int | None, fallback: bool, allow_data_outside: bool, network: str | None,
-        access: str | None, command: tuple[str, ...]) -> None:
+        access: str | None, cluster: str | None, command: tuple[str, ...]) -> None:
     """Validate app.py here, build an image and serve it as a new version of the project, behind a
     unique endpoint, the project's endpoint and the version's endpoint."""
     if mode != "serve":
@@ -154,9 +203,13 @@ def run(mode: str, env: str | None, data: tuple[str, ...], project: str | None, 
             f"serve mode takes no command (got {' '.join(command)!r})",
             "uWSGI runs the global `app` of app.py; remove the command.",
         )
+    request = RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime, replace, canary,
+                         fallback, allow_data_outside, network, access)
+    if kube := _cluster(cluster, quiet=as_json):
+        _run_on_cluster(kube, request, as_json, follow)
+        return
     platform = _revived(quiet=as_json)
-    deployment = Deployer(platform).run(RunRequest(Path.cwd(), project, env, data, workers, runtime, ca_bundle, max_runtime,
-                                                   replace, canary, fallback, allow_data_outside, network, access))
+    deployment = Deployer(platform).run(request)
     job = deployment.jobs[0]
     if as_json:
         _emit_json({"job": job.name, "id": job.id, "endpoint": deployment.endpoints[job.id],
@@ -205,11 +258,19 @@ def _project_or_folder(project: str | None) -> str:
 @click.option("--project", help="Project to scale (default: this folder's).")
 @click.option("--version", "version", type=click.IntRange(1), metavar="N",
               help="Scale only version N's jobs (default: the primary jobs; new ones copy the version with the most traffic).")
-def scale(replicas: int | None, add: int | None, project: str | None, version: int | None) -> None:
+@_cluster_option
+def scale(replicas: int | None, add: int | None, project: str | None, version: int | None, cluster: str | None) -> None:
     """Make the project have REPLICAS serving jobs. New jobs copy the version that takes the most
     traffic; scaling down stops jobs of the versions with the smallest share first, oldest first."""
     if (replicas is None) == (add is None):
         raise UsageError("give either REPLICAS or --add K", "e.g. `mlserve scale 3` or `mlserve scale --add 1`.")
+    if kube := _cluster(cluster):
+        name = _project_or_folder(project)
+        live = kube.scale(name, replicas, add, version)
+        click.echo(f"{kube.platform.owner}/projects/{name}: {len(live)} serving job(s) on cluster {kube.target.name}")
+        for each in live:
+            click.echo(f"  {each.name}  version {each.job.version}  {each.state}  {kube.endpoint(each.job.id)}")
+        return
     platform = _revived()
     name = _project_or_folder(project)
     jobs = Deployer(platform).scale(platform.owner, name, replicas=replicas, add=add, version=version)
@@ -246,10 +307,19 @@ def versions_(project: str | None, as_json: bool) -> None:
 @click.option("--by-jobs", is_flag=True, help="Back to equal turns for every healthy job, whatever its version.")
 @click.option("--sticky/--no-sticky", default=None, help="Keep a browser on one version with a cookie (for websites).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@_cluster_option
 def traffic_(project: str | None, to: tuple[str, ...], to_latest: bool, by_jobs: bool, sticky: bool | None,
-             as_json: bool) -> None:
+             as_json: bool, cluster: str | None) -> None:
     """Show or set how PROJECT's endpoint (default: this folder's) splits traffic between versions.
     Changes are live when the command returns, with no gateway reload."""
+    if kube := _cluster(cluster, quiet=as_json):
+        rows = kube.traffic(_project_or_folder(project), to, to_latest, by_jobs, sticky)
+        if as_json:
+            _emit_json(rows)
+            return
+        _table([[str(r["version"]), "-" if r["fallback"] else f"{r['percent']:g}%", f"{r['healthy']}/{r['jobs']}",
+                 "fallback" if r["fallback"] else ""] for r in rows], ["VERSION", "TRAFFIC", "READY/JOBS", ""])
+        return
     platform = _revived(quiet=as_json)
     name = _project_or_folder(project)
     if to or to_latest or by_jobs or sticky is not None:
@@ -296,8 +366,19 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
 @cli.command("status")
 @click.option("--all", "include_stopped", is_flag=True, help="Include stopped and failed jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def status(include_stopped: bool, as_json: bool) -> None:
+@_cluster_option
+def status(include_stopped: bool, as_json: bool, cluster: str | None) -> None:
     """List serving jobs with what really runs (alias: ps)."""
+    if kube := _cluster(cluster, quiet=as_json):
+        live = kube.jobs()
+        if as_json:
+            _emit_json([{"job": j.name, "id": j.job.id, "version": j.job.version, "fallback": j.job.fallback,
+                         "ready": j.ready, "state": j.state, "restarts": j.restarts, "pod": j.pod,
+                         "endpoint": kube.endpoint(j.job.id)} for j in live])
+            return
+        _table([[j.name, f"{j.job.version}{' (fallback)' if j.job.fallback else ''}", j.state[:60], str(j.restarts),
+                 kube.endpoint(j.job.id)] for j in live], ["JOB NAME", "VERSION", "STATE", "RESTARTS", "ENDPOINT"])
+        return
     platform = _revived(quiet=as_json)
     views, unreachable = status_views(platform, include_stopped)
     if as_json:
@@ -381,8 +462,13 @@ def info(job: str, as_json: bool) -> None:
 @click.argument("job")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
 @click.option("--tail", type=click.IntRange(1), help="Only the last N lines.")
-def logs(job: str, follow: bool, tail: int | None) -> None:
+@_cluster_option
+def logs(job: str, follow: bool, tail: int | None, cluster: str | None) -> None:
     """Print a job's logs."""
+    if kube := _cluster(cluster):
+        for line in kube.logs(job, follow, tail):
+            click.echo(line)
+        return
     platform = _revived()
     record = resolve(platform.state, platform.owner, job)
     for line in platform.runtime(record.runtime).logs(record.id, record.handle, follow=follow and record.active, tail=tail):
@@ -393,10 +479,16 @@ def logs(job: str, follow: bool, tail: int | None) -> None:
 @click.argument("jobs", nargs=-1)
 @click.option("--project", help="Stop every job of this project.")
 @click.option("--all", "stop_all", is_flag=True, help="Stop every job.")
-def stop(jobs: tuple[str, ...], project: str | None, stop_all: bool) -> None:
+@_cluster_option
+def stop(jobs: tuple[str, ...], project: str | None, stop_all: bool, cluster: str | None) -> None:
     """Stop jobs gracefully: they leave the rotation, in-flight requests finish."""
     if sum(map(bool, (jobs, project, stop_all))) != 1:
         raise UsageError("name jobs, or --project P, or --all", "e.g. `mlserve stop 5` or `mlserve stop --project style-transfer`.")
+    if kube := _cluster(cluster):
+        names = kube.stop(jobs, _project_or_folder(project) if project is not None else None, stop_all)
+        click.echo(f"Stopped on cluster {kube.target.name}: {', '.join(names)}" if names
+                   else "Nothing to stop: no such job is running.")
+        return
     platform = _revived()
     state = platform.state
     if stop_all:
@@ -643,6 +735,68 @@ def access_(access: str | None, project: str | None) -> None:
 
 def _iso(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+@cli.group()
+def cluster() -> None:
+    """Kubernetes clusters that `run`, `scale`, `status`, `logs`, `traffic` and `stop` can target (--cluster)."""
+
+
+@cluster.command("add")
+@click.argument("name")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path),
+              help="The kubeconfig (default: $KUBECONFIG, else ~/.kube/config).")
+@click.option("--context", help="Its context (default: its current context).")
+@click.option("--registry", required=True, help="Where images are pushed and nodes pull them: host[:port]/path.")
+@click.option("--namespace", default="default", show_default=True, help="The namespace jobs go to.")
+@click.option("--url", required=True, help="The address the cluster's ingress answers at: endpoints start with it.")
+@click.option("--ingress-class", default="nginx", show_default=True, help="The IngressClass of an ingress-nginx controller.")
+def cluster_add(name: str, kubeconfig: Path | None, context: str | None, registry: str, namespace: str, url: str,
+                ingress_class: str) -> None:
+    """Check that the cluster answers with these credentials and namespace, then remember it as NAME."""
+    platform = _platform()
+    found = make_target(name, kubeconfig, context, registry, namespace, url, ingress_class)
+    replaced = platform.state.cluster(name) is not None
+    platform.state.add_cluster(found)
+    click.echo(f"Cluster {name} {'updated' if replaced else 'added'}: namespace {namespace}, images to {registry}, "
+               f"endpoints at {found.url}.")
+    click.echo(f"Deploy with `mlserve run --mode serve --cluster {name}`.")
+
+
+@cluster.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def cluster_list(as_json: bool) -> None:
+    """The clusters added, with where their jobs and images go."""
+    targets = _platform().state.clusters()
+    if as_json:
+        _emit_json([{"name": t.name, "kubeconfig": t.kubeconfig, "context": t.context, "registry": t.registry,
+                     "namespace": t.namespace, "url": t.url, "ingress_class": t.ingress_class} for t in targets])
+        return
+    _table([[t.name, t.context or "(current)", t.namespace, t.registry, t.url] for t in targets],
+           ["NAME", "CONTEXT", "NAMESPACE", "REGISTRY", "URL"])
+
+
+@cluster.command("remove")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Forget it even if mlserve jobs still run there (or it cannot be asked).")
+def cluster_remove(name: str, force: bool) -> None:
+    """Forget the cluster NAME. Nothing on the cluster changes; jobs that run there are refused unless --force."""
+    from .kube.api import ClusterError
+    from .kube.deploy import ClusterDeployer
+
+    platform = _platform()
+    found = cluster_target(platform.state, name)
+    if not force:
+        try:
+            running = ClusterDeployer(platform, found).jobs()
+        except ClusterError as exc:
+            raise UsageError(f"cannot ask cluster {name} for its jobs: {exc.message}",
+                             "Forget it anyway with `--force`.") from None
+        if running:
+            raise UsageError(f"{len(running)} mlserve job(s) still run on cluster {name}",
+                             f"Stop them first (`mlserve stop --all --cluster {name}`) or forget it with `--force`.")
+    platform.state.remove_cluster(name)
+    click.echo(f"Cluster {name} removed.")
 
 
 @cli.command()

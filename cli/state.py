@@ -22,6 +22,7 @@ from filelock import FileLock
 from .errors import StateError
 from .guard import Cors, Guard, RateLimit, Token
 from .home import Home
+from .kube.target import ClusterTarget
 from .spec import SPEC_VERSION, JobSpec, upgrade_v1
 from .traffic import Traffic
 
@@ -103,6 +104,22 @@ def _add_guards(db: sqlite3.Connection) -> None:
         )""")
 
 
+def _add_clusters(db: sqlite3.Connection) -> None:
+    """Schema 5: Kubernetes clusters jobs may go to (`mlserve cluster add`). What runs there is read
+    back from the cluster itself, never kept here."""
+    db.execute("""
+        CREATE TABLE clusters (
+            name          TEXT PRIMARY KEY,
+            kubeconfig    TEXT NOT NULL,           -- absolute path
+            context       TEXT,                    -- NULL: the kubeconfig's current context
+            registry      TEXT NOT NULL,           -- where images are pushed: host[:port]/path
+            namespace     TEXT NOT NULL,
+            url           TEXT NOT NULL,           -- what endpoints start with
+            ingress_class TEXT NOT NULL,
+            created_at    REAL NOT NULL
+        )""")
+
+
 Migration = str | Callable[[sqlite3.Connection], None]
 
 # Each entry upgrades the schema by one version; never edit a released entry, append one.
@@ -144,6 +161,7 @@ MIGRATIONS: list[Migration] = [
     _upgrade_job_specs,
     _add_versions,
     _add_guards,
+    _add_clusters,
 ]
 
 ACTIVE_STATES = ("starting", "running", "stopping")
@@ -507,3 +525,25 @@ class StateStore:
     def delete_setting(self, key: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM settings WHERE key = ?", (key,))
+
+    # cluster targets ---------------------------------------------------------------------------
+
+    def clusters(self) -> list[ClusterTarget]:
+        rows = self._conn.execute("SELECT name, kubeconfig, context, registry, namespace, url, ingress_class, created_at"
+                                  " FROM clusters ORDER BY name").fetchall()
+        return [ClusterTarget(*row) for row in rows]
+
+    def cluster(self, name: str) -> ClusterTarget | None:
+        return next((c for c in self.clusters() if c.name == name), None)
+
+    def add_cluster(self, target: ClusterTarget) -> None:
+        """Record a target; one of the same name is replaced."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO clusters (name, kubeconfig, context, registry, namespace, url,"
+                       " ingress_class, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (target.name, target.kubeconfig, target.context, target.registry, target.namespace, target.url,
+                        target.ingress_class, target.created_at))
+
+    def remove_cluster(self, name: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM clusters WHERE name = ?", (name,)).rowcount > 0

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
-def printable(text: str) -> str:
-    """Control characters (terminal escapes, newlines) become '?'."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+# printable: control characters (terminal escapes, newlines) become '?'. Defined with the probes, which
+# run inside instances too, without mlserve.
+from mlserve_runtime.health import printable as printable
 
 
 def log_line(text: str) -> str:

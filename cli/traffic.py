@@ -68,6 +68,28 @@ def parse_shares(values: Iterable[str], known: Iterable[int]) -> dict[int, int]:
     return shares
 
 
+def changed_shares(shares: Mapping[int, int] | None, versions: Mapping[int, bool], to: tuple[str, ...],
+                   to_latest: bool, by_jobs: bool, project_key: str) -> Mapping[int, int] | None:
+    """The shares after `traffic --to ...`, `--to-latest` or `--by-jobs` (else ``shares`` unchanged).
+    ``versions``: the project's versions, each with whether it is a fallback (never given a share)."""
+    if sum(map(bool, (to, to_latest, by_jobs))) > 1:
+        raise UsageError("give one of --to, --to-latest and --by-jobs")
+    if to:
+        shares = {v: p for v, p in parse_shares(to, versions).items() if p > 0}
+        for number in shares:
+            if versions[number]:
+                raise UsageError(f"version {number} is the project's fallback: it takes traffic only when no "
+                                 "primary version has a healthy job, never a share")
+    elif to_latest:
+        primaries = [n for n, fallback in versions.items() if not fallback]
+        if not primaries:
+            raise UsageError(f"{project_key} has only fallback versions")
+        shares = {max(primaries): 100}
+    elif by_jobs:
+        shares = None
+    return shares
+
+
 def apportion(total: int, weights_: Mapping[int, float]) -> dict[int, int]:
     """``total`` percent in whole numbers, in proportion to ``weights_`` (largest remainders get the rest)."""
     whole = sum(weights_.values())

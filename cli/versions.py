@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import JobNotFoundError, UsageError
+from .errors import JobNotFoundError
 from .platform import Platform
 from .routing import Router
 from .state import Version
-from .traffic import Traffic, parse_shares, percents, weights
+from .traffic import Traffic, changed_shares, percents, weights
 
 
 @dataclass(frozen=True)
@@ -70,28 +70,14 @@ def set_traffic(platform: Platform, owner: str, project: str, to: Iterable[str] 
                 by_jobs: bool = False, sticky: bool | None = None) -> list[str]:
     """Change the project's split (live when this returns, with no gateway reload); notes for the user."""
     to = tuple(to)
-    if sum(map(bool, (to, to_latest, by_jobs))) > 1:
-        raise UsageError("give one of --to, --to-latest and --by-jobs")
     state = platform.state
     notes = []
     with state.lock():
         current = split(platform, owner, project)
         versions = {v.version.number: v for v in current.versions}
         traffic = current.traffic
-        shares = traffic.shares
-        if to:
-            shares = {v: p for v, p in parse_shares(to, versions).items() if p > 0}
-            for number in shares:
-                if versions[number].version.fallback:
-                    raise UsageError(f"version {number} is the project's fallback: it takes traffic only when no "
-                                     "primary version has a healthy job, never a share")
-        elif to_latest:
-            primaries = [n for n, v in versions.items() if not v.version.fallback]
-            if not primaries:
-                raise UsageError(f"{current.project_key} has only fallback versions")
-            shares = {max(primaries): 100}
-        elif by_jobs:
-            shares = None
+        shares = changed_shares(traffic.shares, {n: v.version.fallback for n, v in versions.items()}, to, to_latest,
+                                by_jobs, current.project_key)
         state.set_traffic(owner, project, Traffic(shares, traffic.sticky if sticky is None else sticky))
         Router(platform).apply()
     for number in sorted(shares or {}):

@@ -18,7 +18,7 @@ from ..render import render
 from ..spec import Artifact, DataMount
 
 __all__ = ["Artifact", "BuildRequest", "Built", "DataMount", "InstanceSpec", "InstanceState", "InstanceView",
-           "Runtime", "UwsgiSettings", "write_uwsgi_ini"]
+           "Runtime", "UwsgiSettings", "uwsgi_ini", "write_uwsgi_ini"]
 
 
 @dataclass(frozen=True)
@@ -136,23 +136,27 @@ class Runtime(Protocol):
         """Bring a dead or sick instance back (the same one when it still exists); return its handle."""
 
 
-def write_uwsgi_ini(spec: InstanceSpec, *, socket: str, app_dir: str, venv: str) -> Path:
-    """Render templates/uwsgi.ini.j2 into the job's run dir, with paths as the instance sees them.
-
-    The master's stats socket is next to ``socket``, in the one folder the instance may write.
-    """
-    text = render(
+def uwsgi_ini(uwsgi: UwsgiSettings, *, socket: str, app_dir: str, venv: str, http_socket: str | None = None) -> str:
+    """templates/uwsgi.ini.j2 with paths as the instance sees them. The master's stats socket is next
+    to ``socket``, in the one folder the instance may write. ``http_socket`` (on a cluster: ``:8080``)
+    also answers HTTP, for routers that do not speak the uwsgi protocol."""
+    return render(
         "uwsgi.ini.j2",
         socket=socket,
         stats=str(PurePosixPath(socket).parent / PurePosixPath(STATS_SOCKET_NAME).name),
+        http_socket=http_socket,
         app_dir=app_dir,
         venv=venv,
         env={},
-        workers=spec.uwsgi.workers,
-        timeout_s=spec.uwsgi.timeout_s,
-        body_limit_bytes=spec.uwsgi.body_limit_bytes,
-        preload=spec.uwsgi.preload,
+        workers=uwsgi.workers,
+        timeout_s=uwsgi.timeout_s,
+        body_limit_bytes=uwsgi.body_limit_bytes,
+        preload=uwsgi.preload,
     )
+
+
+def write_uwsgi_ini(spec: InstanceSpec, *, socket: str, app_dir: str, venv: str) -> Path:
+    """Render the instance's uwsgi.ini into the job's run dir."""
     path = spec.run_dir / UWSGI_INI_NAME
-    path.write_text(text)
+    path.write_text(uwsgi_ini(spec.uwsgi, socket=socket, app_dir=app_dir, venv=venv))
     return path

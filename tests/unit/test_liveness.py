@@ -20,8 +20,7 @@ import pytest
 
 from mlserve import supervisor as supervisor_module
 from mlserve.config import HealthPolicy, Limits
-from mlserve.constants import LOAD_GRACE_S, RESTART_AFTER_FAILURES, STATS_SOCKET_NAME
-from mlserve.health import ProbeResult, judge, liveness, read_stats
+from mlserve.constants import RESTART_AFTER_FAILURES, STATS_SOCKET_NAME
 from mlserve.home import Home
 from mlserve.platform import Platform
 from mlserve.reconcile import Observation, Plan
@@ -31,6 +30,7 @@ from mlserve.runtimes.docker import DockerRuntime, oom_kills_of
 from mlserve.spec import Artifact, JobSpec
 from mlserve.state import Job
 from mlserve.views import JobView
+from mlserve_runtime.health import LOAD_GRACE_S, ProbeResult, judge, liveness, main, read_stats
 
 NOW = 1_795_488_200.0
 TIMEOUT_S, PROBE_TIMEOUT_S = 60, 2.0
@@ -70,12 +70,12 @@ def test_every_worker_in_a_clients_request_inside_the_timeout_is_busy():
 
 def test_an_idle_worker_means_a_failed_probe_is_not_explained_by_load():
     life = _judge(_worker(1, request=CLIENT), _worker(2))
-    assert life.alive and not life.busy and life.detail == "1 of 2 workers idle"
+    assert life.alive and not life.busy and not life.stuck and life.detail == "1 of 2 workers idle"
 
 
 def test_a_worker_past_the_timeout_is_stuck_not_busy():
     life = _judge(_worker(1, request=CLIENT, started=NOW - 63), _worker(2, request=CLIENT))
-    assert life.alive and not life.busy
+    assert life.alive and not life.busy and life.stuck
     assert life.detail == "worker 1 in a request for 63s (limit 60s)"
 
 
@@ -183,6 +183,53 @@ def test_liveness_of_a_master_that_is_gone_or_answers_nonsense(serve_stats, shor
         path = serve_stats(answer, short_dir / f"s{len(answer)}-{answer[:1].hex()}.sock")
         life = liveness(str(path), TIMEOUT_S, PROBE_TIMEOUT_S)
         assert not life.alive and not life.busy and "\x1b" not in life.detail
+
+
+# -- the exec probe in a pod: python -m mlserve_runtime.health live ----------------------------------
+
+
+def _live(path: Path, *more: str) -> list[str]:
+    return ["live", "--stats", str(path), "--timeout-s", str(TIMEOUT_S), "--probe-timeout", str(PROBE_TIMEOUT_S),
+            *more]
+
+
+def test_live_passes_an_idle_or_busy_instance_and_fails_a_stuck_or_silent_one(serve_stats, short_dir, capsys):
+    now = time.time()
+    busy = serve_stats(json.dumps(_stats(_worker(1, request=CLIENT, started=now - 20),
+                                         _worker(2, request=CLIENT, started=now))).encode(), short_dir / "busy.sock")
+    idle = serve_stats(json.dumps(_stats(_worker(1, request=CLIENT, started=now), _worker(2))).encode(),
+                       short_dir / "idle.sock")
+    assert main(_live(busy)) == 0 and main(_live(idle)) == 0
+    assert capsys.readouterr().out == ""  # a passing check says nothing
+    stuck = serve_stats(json.dumps(_stats(_worker(1, request=CLIENT, started=now - 63), _worker(2))).encode(),
+                        short_dir / "stuck.sock")
+    assert main(_live(stuck)) == 1
+    assert re.fullmatch(r"worker 1 in a request for 6[34]s \(limit 60s\)\n", capsys.readouterr().out)
+    # The request timeout is the instance's: the same stats under a longer one are busy, not stuck.
+    assert main(["live", "--stats", str(stuck), "--timeout-s", "120"]) == 0
+    hung_probe = serve_stats(json.dumps(_stats(_worker(1, request=PROBE, started=now - 3))).encode(),
+                             short_dir / "probe.sock")
+    assert main(_live(hung_probe)) == 1 and "in a health check" in capsys.readouterr().out
+    assert main(["live", "--stats", str(hung_probe), "--timeout-s", "60", "--probe-timeout", "5"]) == 0
+    no_workers = serve_stats(json.dumps(_stats(_worker(1, pid=0))).encode(), short_dir / "none.sock")
+    assert main(_live(no_workers)) == 1 and capsys.readouterr().out == "the uWSGI master has no workers\n"
+    assert main(_live(short_dir / "gone.sock")) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("the uWSGI master does not answer (FileNotFoundError") and out.count("\n") == 1
+    garbage = serve_stats(b'"\x1b[31m\nred"', short_dir / "garbage.sock")
+    assert main(_live(garbage)) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out[:-1].isprintable()
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["alive"], ["live", "--timeout-s", "60"], ["live", "--stats", "/x"], ["live", "--stats", "/x", "--timeout-s", "0"],
+    ["live", "--stats", "/x", "--timeout-s", "nan"], ["live", "--stats", "/x", "--timeout-s", "60", "--socket", "/y"],
+])
+def test_live_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
 
 
 # -- the supervisor with a busy job ----------------------------------------------------------------
