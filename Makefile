@@ -5,7 +5,7 @@ PYTHON ?= python3
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: install setup demo test lint bench
+.PHONY: install setup demo test lint bench kube
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -24,7 +24,7 @@ demo: setup
 # makes it trust the gateway's self-signed CA.
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver /usr/bin/certutil
 
-test: setup lint $(BROWSER)
+test: setup lint $(BROWSER) kube
 	$(PYTHON) -m pytest -ra tests
 
 # Lint and types. mypy sees the installed package names (mlserve = cli/, mlserve_runtime = runtime/)
@@ -32,6 +32,11 @@ test: setup lint $(BROWSER)
 lint: install
 	$(PYTHON) -m ruff check cli runtime tests bench
 	$(PYTHON) -m mypy -p mlserve -p mlserve_runtime
+
+# The cluster tests (tests/cluster) run a real Kubernetes 1.20 control plane: the script builds it from Debian's
+# source package once per machine (~10 min) and caches it under /var/cache/mlserve; later runs take seconds.
+kube:
+	tests/cluster/build-kubernetes
 
 $(BROWSER) &:
 	DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=300

@@ -104,7 +104,8 @@ def _run_on_cluster(kube: ClusterDeployer, request: RunRequest, as_json: bool, f
                     "build": done.build, "image": done.image, "version": done.version,
                     "version_endpoint": kube.version_endpoint(done.ref, done.version),
                     "jobs": [{"job": f"{done.ref.key}/{j.number}", "id": j.id, "endpoint": endpoints[j.id]}
-                             for j in done.jobs], "replaced": done.replaced, "access": "public"})
+                             for j in done.jobs], "replaced": done.replaced, "access": "public",
+                    "seconds": done.seconds})
     else:
         for other in done.jobs[1:]:
             click.echo(f"Also started {done.ref.key}/{other.number}: {endpoints[other.id]}")
@@ -282,8 +283,19 @@ def scale(replicas: int | None, add: int | None, project: str | None, version: i
 @cli.command("versions")
 @click.argument("project", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def versions_(project: str | None, as_json: bool) -> None:
+@_cluster_option
+def versions_(project: str | None, as_json: bool, cluster: str | None) -> None:
     """List the versions of PROJECT (default: this folder's): when, image, jobs and traffic share."""
+    if kube := _cluster(cluster, quiet=as_json):
+        rows = kube.versions(_project_or_folder(project))
+        if as_json:
+            _emit_json(rows)
+            return
+        now = time.time()
+        _table([[str(r["version"]), _ago(now - r["created"]) + " ago", r["image"], f"{r['healthy']}/{r['jobs']}",
+                 "-" if r["fallback"] else f"{r['percent']:g}%", "fallback" if r["fallback"] else "", r["endpoint"]]
+                for r in rows], ["VERSION", "CREATED", "IMAGE", "READY/JOBS", "TRAFFIC", "", "ENDPOINT"])
+        return
     platform = _revived(quiet=as_json)
     name = _project_or_folder(project)
     current = split(platform, platform.owner, name)

@@ -78,10 +78,14 @@ class Instance:
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get(HEALTH_VAR):
             return self.health(environ, start_response)
-        if self.prefixes and not environ.get("SCRIPT_NAME"):
-            script_name, path_info = split_prefix("", environ.get("PATH_INFO", ""), self.prefixes)
-            if script_name:
-                environ["SCRIPT_NAME"], environ["PATH_INFO"] = script_name, path_info
+        if self.prefixes:
+            # No gateway of mlserve's is in front (a cluster's ingress is): the token name the gateway
+            # would set cannot be told from a client's header of that name, so the app never sees one.
+            environ.pop("HTTP_X_MLSERVE_TOKEN", None)
+            if not environ.get("SCRIPT_NAME"):
+                script_name, path_info = split_prefix("", environ.get("PATH_INFO", ""), self.prefixes)
+                if script_name:
+                    environ["SCRIPT_NAME"], environ["PATH_INFO"] = script_name, path_info
         return self.loaded.wsgi(environ, start_response)
 
     def health(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:

@@ -41,6 +41,20 @@ def nginx_available() -> None:
         _require("nginx is not installed; run `mlserve setup`")
 
 
+@pytest.fixture(scope="session")
+def control_plane(docker_client):
+    """A real Kubernetes 1.20 control plane with hollow nodes and a registry, on loopback (built once per
+    machine by tests/cluster/build-kubernetes). It cannot start: the tests fail, never skip."""
+    from tests.cluster.controlplane import start_for_tests
+
+    try:
+        plane = start_for_tests()
+    except Exception as exc:  # noqa: BLE001 - said in full: the tier must not pass without it
+        pytest.fail(f"the Kubernetes control plane did not start: {exc}")
+    yield plane
+    plane.stop()
+
+
 @pytest.fixture
 def mlserve(docker_client, nginx_available):
     ms = make_mlserve()

@@ -160,7 +160,6 @@ class Api:
         self.namespace = namespace
         self.cluster = cluster  # the name `cluster add` gave it, for messages
         self.session = requests.Session()
-        self.session.verify = creds.verify
         self.session.cert = creds.cert
         self.session.auth = creds.auth
         self.session.headers.update(creds.headers)
@@ -174,8 +173,9 @@ class Api:
                 what: str = "", stream: bool = False, timeout: float | None = TIMEOUT_S) -> requests.Response:
         url = self.creds.server + path
         try:
-            response = self.session.request(method, url, json=body, params=params, stream=stream,
-                                            timeout=timeout, headers={"Accept": "application/json"})
+            # verify per request: a session's is overridden by REQUESTS_CA_BUNDLE from the environment.
+            response = self.session.request(method, url, json=body, params=params, stream=stream, timeout=timeout,
+                                            headers={"Accept": "application/json"}, verify=self.creds.verify)
         except requests.exceptions.SSLError as exc:
             raise ClusterError(f"cluster {self.cluster}: the API server's certificate is not trusted ({_short(exc)})",
                                "Check the kubeconfig's certificate-authority for this cluster.") from None
@@ -252,8 +252,12 @@ class Api:
 
 
 def _short(exc: Exception) -> str:
+    """The innermost reason of a requests error (they nest: "Max retries ... (Caused by ...(reason))")."""
     text = str(exc)
-    return printable(text[text.rfind(":") + 1:].strip() if "Max retries" in text else text)[:160]
+    for marker in ("Caused by ", "certificate verify failed: "):
+        if marker in text:
+            text = text[text.rindex(marker) + len(marker):]
+    return printable(text.strip("()'\" ").split("'))")[0])[:160]
 
 
 def _status_message(response: requests.Response) -> str:

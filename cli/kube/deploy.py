@@ -10,6 +10,8 @@ object it created or changed, and the record, before it exits.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -35,7 +37,8 @@ from .api import Api, ClusterError, Conflict
 from .render import ClusterJob, ProjectRef, Routes
 from .target import ClusterTarget
 
-WAIT_S = 300.0  # for new pods to become ready before a command gives up and rolls back
+# For new pods to become ready before a command gives up and rolls back (a slow image pull counts).
+WAIT_S = float(os.environ.get("MLSERVE_CLUSTER_WAIT_S") or 300)
 POLL_S = 0.25
 # Pod states that will not get better by waiting: the command stops at once and shows why.
 HOPELESS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
@@ -93,6 +96,20 @@ class ClusterDeployment:
     traffic: Traffic
     replaced: list[str] = field(default_factory=list)
     build: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # build, push, apply (all objects), ready
+
+
+class _Clock:
+    """Seconds each step of a command took, for `run --json` (and the benchmarks)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
 
 
 class Changes:
@@ -157,7 +174,7 @@ def parse_cluster_mount(spec: str) -> DataMount:
     if not sep or not source.startswith(render.PVC_PREFIX):
         raise UsageError(f"--data {spec!r}: a cluster's pods cannot mount this machine's folders",
                          f"Put the data in a PersistentVolumeClaim and give it as {PVC_MOUNT}, e.g. pvc/models:input.")
-    if not render_name_ok(claim):
+    if not _claim_name_ok(claim):
         raise UsageError(f"--data {spec!r}: {claim!r} is not a PersistentVolumeClaim name",
                          "A claim's name is lower-case letters, digits, '-' and '.'.")
     mount = "/" + mount.strip("/")
@@ -168,9 +185,7 @@ def parse_cluster_mount(spec: str) -> DataMount:
     return DataMount(f"{render.PVC_PREFIX}{claim}", mount)
 
 
-def render_name_ok(name: str) -> bool:
-    import re
-
+def _claim_name_ok(name: str) -> bool:
     return bool(re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name))
 
 
@@ -353,6 +368,7 @@ class ClusterDeployer:
             raise UsageError(f"--canary splits {ref.key}'s traffic with the version serving it, and the project has "
                              f"no primary job on cluster {self.target.name}", "Start it with a plain run first.")
         secrets = Secrets(self.platform.home, ref.owner, ref.project).environment()
+        clock = _Clock()
         docker = self.platform.runtime("docker")
         built = docker.build(BuildRequest(
             project_dir=project_dir, slug=f"{ref.owner}-{ref.project}", project_key=ref.key,
@@ -361,7 +377,9 @@ class ClusterDeployer:
             if (project_dir / (config.requirements or "requirements.txt")).is_file() else None,
             ca_bundle=request.ca_bundle, report=self.report, network=network,
             environment={**dict(config.env_vars), **secrets}))
+        clock.lap("build")
         image = self.push(ref, built.artifact.ref)
+        clock.lap("push")
         spec = JobSpec(runtime="kubernetes", artifact=Artifact(image), project_dir=str(project_dir),
                        workers=request.workers or config.workers or DEFAULT_WORKERS, preload=config.preload,
                        env_vars=config.env_vars, mounts=mounts, limits=config.limits, health=config.health,
@@ -382,7 +400,7 @@ class ClusterDeployer:
         record = self.save(ref, record)  # the numbers are taken: the first write
         replaced: list[str] = []
         try:
-            self._start(ref, spec, new, changes, secrets, network)
+            self._start(ref, spec, new, changes, secrets, network, clock)
             jobs = [j.job for j in live] + new
             if request.replace:
                 old = [j for j in same_kind]
@@ -400,8 +418,9 @@ class ClusterDeployer:
             changes.undo()
             self.restore(ref, before)
             raise
+        clock.lap("routes")
         self._forget_old_versions(ref, {j.job.version for j in live} | {version})
-        return ClusterDeployment(ref, new, version, image, record.traffic, replaced, built.summary)
+        return ClusterDeployment(ref, new, version, image, record.traffic, replaced, built.summary, clock.laps)
 
     def push(self, ref: ProjectRef, local: str) -> str:
         """The built image, pushed to the target's registry: its reference by digest (what pods run)."""
@@ -418,7 +437,7 @@ class ClusterDeployer:
         return image
 
     def _start(self, ref: ProjectRef, spec: JobSpec, new: list[ClusterJob], changes: Changes,
-               secrets: dict[str, str], network: str) -> None:
+               secrets: dict[str, str], network: str, clock: _Clock | None = None) -> None:
         if secrets:
             changes.apply(render.secret(ref, secrets))
         else:
@@ -433,7 +452,11 @@ class ClusterDeployer:
             changes.apply(render.job_deployment(ref, job, spec, spec.artifact.ref))
             changes.apply(render.job_service(ref, job))
         self.report(f"Applied {len(new)} job(s) on cluster {self.target.name}; waiting until ready ...")
+        if clock:
+            clock.lap("apply")
         self.wait_ready(ref, new, WAIT_S)
+        if clock:
+            clock.lap("ready")
 
     def _remove_job(self, ref: ProjectRef, job: ClusterJob, changes: Changes) -> None:
         name = job.name(ref)
@@ -559,6 +582,17 @@ class ClusterDeployer:
         for line in self.api.log_lines(job.pod, follow, tail):
             yield log_line(line)
 
+    def versions(self, project: str) -> list[dict[str, Any]]:
+        """Every version on record with its image, when, jobs and share (`versions --json`)."""
+        ref = ProjectRef(self.platform.owner, project)
+        record = self.record(ref)
+        if not record.versions:
+            raise JobNotFoundError(f"no project {ref.key} on cluster {self.target.name}")
+        return [{**row, "created": record.versions[row["version"]]["created"],
+                 "image": record.versions[row["version"]]["image"],
+                 "endpoint": self.version_endpoint(ref, row["version"])}
+                for row in split_rows(record, self.jobs(ref), every=True)]
+
     def traffic(self, project: str, to: tuple[str, ...], to_latest: bool, by_jobs: bool,
                 sticky: bool | None) -> list[dict[str, Any]]:
         """Show or set the split; the rows `traffic --json` prints."""
@@ -588,8 +622,9 @@ class ClusterDeployer:
         return split_rows(record, live)
 
 
-def split_rows(record: Record, live: list[LiveJob]) -> list[dict[str, Any]]:
-    """Each version with a job or a share: its percent, jobs and ready jobs (as `traffic --json`)."""
+def split_rows(record: Record, live: list[LiveJob], every: bool = False) -> list[dict[str, Any]]:
+    """Each version with a job or a share (``every``: each version on record): its percent, jobs and
+    ready jobs (as `traffic --json`)."""
     active = Counter(j.job.version for j in live)
     ready = Counter(j.job.version for j in live if j.ready)
     primary_active = {v: n for v, n in active.items() if not record.fallback(v)}
@@ -598,7 +633,7 @@ def split_rows(record: Record, live: list[LiveJob]) -> list[dict[str, Any]]:
     shares = record.traffic.shares or {}
     return [{"version": n, "percent": 0.0 if record.fallback(n) else set_to.get(n, 0.0), "jobs": active[n],
              "healthy": ready[n], "fallback": record.fallback(n)}
-            for n in sorted(record.versions) if active[n] or shares.get(n)]
+            for n in sorted(record.versions) if every or active[n] or shares.get(n)]
 
 
 def plan_routes(ref: ProjectRef, traffic: Traffic, jobs: list[ClusterJob]) -> Routes:

@@ -2,8 +2,8 @@
 job spec, returning the object as the API takes it (tests compare them exactly).
 
 - A job is a Deployment of one replica (Kubernetes places, restarts and probes it), a Service of its
-  own (its unique endpoint) and a ConfigMap with its uwsgi.ini and manifest, mounted where a local
-  container has them: the image's own command runs unchanged.
+  own (its unique endpoint) and a ConfigMap with its uwsgi.ini and manifest: the image's own uWSGI
+  runs with that ini.
 - The project endpoint, each version endpoint and the fallback are Services selecting jobs by label.
 - Routes are ingress-nginx Ingress objects; a share between two versions is a canary Ingress with a
   weight; the fallback is the project route's default backend (taken when its Service has no ready
@@ -58,6 +58,7 @@ PVC_PREFIX = "pvc/"
 REQUEST_CPU_MILLI = 100
 REQUEST_MEMORY = 256 << 20
 SOCKET_VOLUME_BYTES = 1 << 20
+CONFIG_DIR = f"{INSTANCE_RUN_DIR}/config"  # the job's ConfigMap: uwsgi.ini and manifest.json
 _SLUG_BAD = re.compile(r"[^a-z0-9-]")
 
 
@@ -144,7 +145,7 @@ def probes(spec: JobSpec) -> dict[str, dict[str, Any]]:
     ready = [python, "-m", "mlserve_runtime.health", "ready", "--socket", f"{INSTANCE_RUN_DIR}/{SOCKET_NAME}",
              "--timeout", f"{health.timeout_s:g}"]
     live = [python, "-m", "mlserve_runtime.health", "live", "--stats", f"{INSTANCE_RUN_DIR}/{STATS_SOCKET_NAME}",
-            "--timeout-s", str(spec.timeout_s)]
+            "--timeout-s", str(spec.timeout_s), "--probe-timeout", f"{health.timeout_s:g}"]
     startup_period = 2
     return {
         "readinessProbe": _probe(ready, health.interval_s, health.timeout_s + 1, health.failures),
@@ -169,7 +170,7 @@ def environment(ref: ProjectRef, job: ClusterJob, spec: JobSpec) -> list[dict[st
         "OUTPUT_DIR": INSTANCE_OUTPUT_DIR,
         "LOG_FILE": f"{INSTANCE_OUTPUT_DIR}/app.log",
         "LOG_FILE_MAX_BYTES": str(DEFAULT_LOG_FILE_MAX_BYTES),
-        "MANIFEST_FILE": f"{INSTANCE_RUN_DIR}/{MANIFEST_NAME}",
+        "MANIFEST_FILE": f"{CONFIG_DIR}/{MANIFEST_NAME}",
     }
     if spec.health.path:
         env["MLSERVE_HEALTH_PATH"] = spec.health.path
@@ -182,9 +183,7 @@ def job_deployment(ref: ProjectRef, job: ClusterJob, spec: JobSpec, image: str) 
     read-only root filesystem, no capabilities, no privilege escalation, the runtime's seccomp profile,
     no service account token; /tmp and /output are emptyDirs of the spec's sizes."""
     limits = spec.limits
-    run_mounts = [{"name": "run", "mountPath": f"{INSTANCE_RUN_DIR}/{name}", "subPath": name, "readOnly": True}
-                  for name in (UWSGI_INI_NAME, MANIFEST_NAME)]
-    mounts = [*run_mounts,
+    mounts = [{"name": "run", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "sockets", "mountPath": f"{INSTANCE_RUN_DIR}/{SOCKET_DIR}"},
               {"name": "tmp", "mountPath": "/tmp"},
               {"name": "output", "mountPath": INSTANCE_OUTPUT_DIR}]
@@ -202,6 +201,10 @@ def job_deployment(ref: ProjectRef, job: ClusterJob, spec: JobSpec, image: str) 
         "name": "app",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
+        # The image's own command, with the ini where the ConfigMap is (a folder of its own: subPath
+        # mounts are refused by some kubelets and never see updates).
+        "command": [f"{INSTANCE_VENV}/bin/uwsgi"],
+        "args": ["--ini", f"{CONFIG_DIR}/{UWSGI_INI_NAME}"],
         "env": environment(ref, job, spec),
         "envFrom": [{"secretRef": {"name": ref.name("secrets"), "optional": True}}],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],

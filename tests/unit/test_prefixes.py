@@ -126,3 +126,20 @@ def test_the_module_uwsgi_loads_reads_mlserve_prefixes_once(wsgi, monkeypatch):
     monkeypatch.setenv("MLSERVE_PREFIXES", "/changed")  # read at import, not per request
     assert _call(wsgi.application, {"SCRIPT_NAME": "", "PATH_INFO": f"{PROJECT}/a"}) == ("200 OK", f"{PROJECT} /a".encode())
     assert _call(wsgi.application, {"SCRIPT_NAME": "", "PATH_INFO": JOB}) == ("200 OK", f"{JOB} /".encode())
+
+
+def test_on_a_cluster_a_client_cannot_name_a_token(wsgi):
+    """Behind a cluster's ingress no gateway of mlserve's sets X-Mlserve-Token: a client's own header
+    of that name never reaches the app; behind the local gateway (no prefixes) it is the gateway's."""
+    seen: list[object] = []
+
+    def app(environ: dict, start_response: Any) -> list[bytes]:
+        seen.append(environ.get("HTTP_X_MLSERVE_TOKEN"))
+        start_response("200 OK", [])
+        return []
+
+    on_cluster = wsgi.Instance(LoadedApp(app, "function", False), None, "GET", (JOB,))
+    _call(on_cluster, {"PATH_INFO": f"{JOB}/x", "HTTP_X_MLSERVE_TOKEN": "admin"})
+    local = wsgi.Instance(LoadedApp(app, "function", False), None, "GET")
+    _call(local, {"SCRIPT_NAME": JOB, "PATH_INFO": "/x", "HTTP_X_MLSERVE_TOKEN": "ci"})
+    assert seen == [None, "ci"]
