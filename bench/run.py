@@ -1,10 +1,11 @@
 """mlserve benchmarks: speed (issue 2), self-healing under load and faults (issue 3), routing without
-reloads (issue 8), versions and traffic splits (replace, canary, fallback), and the guarded edge (issue 9:
-TLS and tokens, revocations and rate limits under load).
+reloads (issue 8), versions and traffic splits (replace, canary, fallback), the guarded edge (issue 9:
+TLS and tokens, revocations and rate limits under load), and Kubernetes (issue 10: run, scale and status on a
+cluster, a local control plane with hollow nodes).
 
 Run with `make bench` (or `python3 bench/run.py`); add `--engine-restart` to also restart the
 Docker engine (it disturbs every container on the machine, so it is off by default). `--only SECTION`
-(repeatable) runs some sections only: speed, healing, routing, versions, edge, or efficiency (the gateway
+(repeatable) runs some sections only: speed, healing, routing, versions, edge, kube, or efficiency (the gateway
 efficiency rows of the speed section alone; the section's other rows are carried over). Everything
 goes to loopback, bounded in time. Prints the tables and writes bench/RESULTS.md with the machine
 it ran on. Ratios are measured in one run, interleaved, because these machines are shared and noisy.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import docker
 import edge
+import kube
 import report
 import routing
 import versions
@@ -38,10 +40,11 @@ from speed import WRK_CONNECTIONS, WRK_ROUNDS, WRK_SECONDS, efficiency, speed
 
 from mlserve.constants import LABEL_HOME
 
-# report.TITLES orders RESULTS.md's sections and names the ones it keeps; the edge section comes last.
-# (It belongs in report.py's TITLES; added here until report.py lists it.)
-if edge.EDGE not in report.TITLES:
-    report.TITLES = (*report.TITLES, edge.EDGE)  # type: ignore[assignment]
+# report.TITLES orders RESULTS.md's sections and names the ones it keeps; the edge section comes next, then
+# Kubernetes. (They belong in report.py's TITLES; added here until report.py lists them.)
+for _title in (edge.EDGE, kube.KUBE):
+    if _title not in report.TITLES:
+        report.TITLES = (*report.TITLES, _title)  # type: ignore[assignment]
 
 
 def _others(client: docker.DockerClient, homes: set[str]) -> int:
@@ -57,11 +60,11 @@ def main() -> int:
     parser.add_argument("--engine-restart", action="store_true",
                         help="also restart the Docker engine (disturbs every container on this machine)")
     parser.add_argument("--only", action="append",
-                        choices=["speed", "healing", "routing", "versions", "edge", "efficiency"],
+                        choices=["speed", "healing", "routing", "versions", "edge", "kube", "efficiency"],
                         help="run this section only; repeat for several (efficiency: the gateway efficiency "
                              "rows of the speed section)")
     args = parser.parse_args()
-    only = set(args.only or ["speed", "healing", "routing", "versions", "edge"])
+    only = set(args.only or ["speed", "healing", "routing", "versions", "edge", "kube"])
 
     client = docker.from_env()
     work = Path(tempfile.mkdtemp(prefix="mlbench"))
@@ -83,6 +86,8 @@ def main() -> int:
             sections.append(Section(VERSIONS, versions.versions(client, work)))
         if "edge" in only:
             sections.append(Section(edge.EDGE, edge.edge(client, work)))
+        if "kube" in only:
+            sections.append(Section(kube.KUBE, kube.kube(work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
@@ -108,6 +113,10 @@ def main() -> int:
                      f"interleaved) with a bearer token, plain HTTP against HTTPS; then over HTTPS "
                      f"{edge.SESSION_THREADS} threads of a requests.Session (token B, max_retries=0) beside one "
                      f"session each for the revoked token, the newly limited project and the new token")
+    if "kube" in only:
+        loads.append(f"for Kubernetes, no request load: a control plane on loopback (kube-apiserver, controller "
+                     f"manager and scheduler 1.20, etcd, {kube.NODES} hollow kubemark nodes, docker-registry) started "
+                     f"for the section; commands timed as whole processes")
     context = (
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', started)} on {machine_line}.\n\n"
         f"Load: {'; '.join(loads)}; loopback only, every load bounded in time. "

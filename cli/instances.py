@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .actors import actor_alive, this_actor
-from .constants import DEFAULT_LOG_FILE_MAX_BYTES, DRAIN_GRACE_S, ENDPOINT_ID_LENGTH, KEEP_VERSIONS, MANIFEST_NAME
+from .constants import DRAIN_GRACE_S, ENDPOINT_ID_LENGTH, KEEP_VERSIONS, MANIFEST_NAME
 from .errors import JobStartError, MlserveError
 from .health import wait_healthy
 from .platform import Platform
@@ -26,7 +26,7 @@ from .privileges import share_sockets
 from .project import check_data_source
 from .quota import OutputVolume
 from .routing import Router
-from .runtimes import InstanceSpec, UwsgiSettings
+from .runtimes import InstanceSpec, UwsgiSettings, instance_environment
 from .secrets import Secrets
 from .state import Job, Version
 
@@ -119,21 +119,9 @@ class Instances:
         }
         (run_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         # Secrets are read now, at each start: never part of the job spec (it is stored in the state).
-        env = {
-            **dict(spec.env_vars),
-            **Secrets(home, job.owner, job.project).environment(),
-            "MLSERVE_APP_DIR": view.app_dir,
-            "MLSERVE_JOB": job.name,
-            "MLSERVE_ENDPOINT_ID": job.id,
-            "MLSERVE_VERSION": str(job.version),
-            "OUTPUT_DIR": view.output_dir,
-            "LOG_FILE": f"{view.output_dir}/app.log",
-            "LOG_FILE_MAX_BYTES": str(DEFAULT_LOG_FILE_MAX_BYTES),
-            "MANIFEST_FILE": f"{view.run_dir}/{MANIFEST_NAME}",
-        }
-        if spec.health.path:
-            env["MLSERVE_HEALTH_PATH"] = spec.health.path
-            env["MLSERVE_HEALTH_METHOD"] = spec.health.method
+        env = {**instance_environment(spec, name=job.name, job_id=job.id, version=job.version, app_dir=view.app_dir,
+                                      output_dir=view.output_dir, manifest_file=f"{view.run_dir}/{MANIFEST_NAME}"),
+               **Secrets(home, job.owner, job.project).environment()}
         uwsgi = UwsgiSettings(spec.workers, spec.timeout_s, spec.body_limit_mb * 1024 * 1024, spec.preload)
         return InstanceSpec(job.id, job.name, job.project_key, spec.artifact, run_dir, output_dir, uwsgi, env,
                             spec.mounts, spec.limits, spec.network)

@@ -234,12 +234,17 @@ class Api:
 
     def check_namespace(self) -> None:
         """Fail now, with advice, when the namespace cannot be used: listing ConfigMaps there is the
-        least any command needs."""
+        least any command needs (a list in a namespace that does not exist answers empty, so the
+        namespace itself is asked for too, where the credentials may read it)."""
+        self.request("GET", self.path("ConfigMap"), params={"limit": 1}, what=f"list configmaps in {self.namespace}")
         try:
-            self.request("GET", self.path("ConfigMap"), params={"limit": 1}, what=f"list configmaps in {self.namespace}")
+            self.request("GET", f"/api/v1/namespaces/{self.namespace}", what=f"read namespace {self.namespace}")
         except NotFound:
             raise ClusterError(f"cluster {self.cluster}: there is no namespace {self.namespace}",
                                f"Create it (`kubectl create namespace {self.namespace}`) or give another --namespace.") from None
+        except ClusterError as exc:
+            if "no permission" not in exc.message:  # a Role in one namespace may not read namespaces: fine
+                raise
 
     def log_lines(self, pod: str, follow: bool, tail: int | None) -> Iterator[str]:
         params: dict[str, Any] = {"container": "app", "follow": "true" if follow else "false"}

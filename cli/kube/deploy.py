@@ -30,6 +30,7 @@ from ..project import MOUNT_RE, RESERVED_MOUNTS, default_project_name, validate_
 from ..runtimes import BuildRequest
 from ..secrets import Secrets
 from ..spec import Artifact, DataMount, JobSpec
+from ..text import log_line, printable
 from ..traffic import Traffic, changed_shares, most_traffic, percents, with_canary
 from ..validate import validate_app
 from . import render
@@ -298,8 +299,6 @@ class ClusterDeployer:
                 lines += [f"  log: {line}" for line in tail] or ["  log: (empty)"]
             except ClusterError as exc:
                 lines.append(f"  log: not available ({exc.message[:160]})")
-        from ..text import log_line
-
         return "\n".join(log_line(line) for line in lines)
 
     def wait_ready(self, ref: ProjectRef, jobs: list[ClusterJob], timeout_s: float) -> None:
@@ -577,8 +576,6 @@ class ClusterDeployer:
         job = self.find(self.jobs(), text)
         if job.pod is None:
             raise JobNotFoundError(f"{job.name} has no pod yet", "`mlserve status --cluster` shows its state.")
-        from ..text import log_line
-
         for line in self.api.log_lines(job.pod, follow, tail):
             yield log_line(line)
 
@@ -683,10 +680,11 @@ def _pod_state(pod: dict[str, Any]) -> tuple[str, int]:
         restarts += int(container.get("restartCount") or 0)
         waiting = (container.get("state") or {}).get("waiting")
         if waiting and waiting.get("reason"):
-            message = str(waiting.get("message") or "")[:160]
-            return (f"{waiting['reason']}: {message}" if message else str(waiting["reason"])), restarts
+            message = printable(str(waiting.get("message") or ""))[:160]
+            reason = printable(str(waiting["reason"]))[:60]
+            return (f"{reason}: {message}" if message else reason), restarts
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return f"Unschedulable: {str(condition.get('message') or '')[:160]}", restarts
+            return f"Unschedulable: {printable(str(condition.get('message') or ''))[:160]}", restarts
     phase = str(status.get("phase") or "Pending")
     return ("starting" if phase in ("Pending", "Running") else phase.lower()), restarts

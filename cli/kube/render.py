@@ -25,7 +25,6 @@ from typing import Any
 
 from ..constants import (
     CONTAINER_UID,
-    DEFAULT_LOG_FILE_MAX_BYTES,
     INSTANCE_APP_DIR,
     INSTANCE_OUTPUT_DIR,
     INSTANCE_RUN_DIR,
@@ -39,7 +38,7 @@ from ..constants import (
     UWSGI_INI_NAME,
 )
 from ..firewall import BLOCKED
-from ..runtimes import UwsgiSettings, uwsgi_ini
+from ..runtimes import UwsgiSettings, instance_environment, uwsgi_ini
 from ..spec import JobSpec
 
 MANAGED = {"app.kubernetes.io/managed-by": "mlserve"}
@@ -160,21 +159,10 @@ def _quantity_cpu(cpus: float) -> str:
 
 def environment(ref: ProjectRef, job: ClusterJob, spec: JobSpec) -> list[dict[str, str]]:
     """What a local instance's environment has, with paths as the pod has them, and its prefixes."""
-    env = {
-        **dict(spec.env_vars),
-        "MLSERVE_APP_DIR": INSTANCE_APP_DIR,
-        "MLSERVE_JOB": f"{ref.key}/{job.number}",
-        "MLSERVE_ENDPOINT_ID": job.id,
-        "MLSERVE_VERSION": str(job.version),
-        "MLSERVE_PREFIXES": ",".join(prefixes(ref, job)),
-        "OUTPUT_DIR": INSTANCE_OUTPUT_DIR,
-        "LOG_FILE": f"{INSTANCE_OUTPUT_DIR}/app.log",
-        "LOG_FILE_MAX_BYTES": str(DEFAULT_LOG_FILE_MAX_BYTES),
-        "MANIFEST_FILE": f"{CONFIG_DIR}/{MANIFEST_NAME}",
-    }
-    if spec.health.path:
-        env["MLSERVE_HEALTH_PATH"] = spec.health.path
-        env["MLSERVE_HEALTH_METHOD"] = spec.health.method
+    env = instance_environment(spec, name=f"{ref.key}/{job.number}", job_id=job.id, version=job.version,
+                               app_dir=INSTANCE_APP_DIR, output_dir=INSTANCE_OUTPUT_DIR,
+                               manifest_file=f"{CONFIG_DIR}/{MANIFEST_NAME}")
+    env["MLSERVE_PREFIXES"] = ",".join(prefixes(ref, job))
     return [{"name": name, "value": value} for name, value in env.items()]
 
 

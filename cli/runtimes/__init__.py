@@ -13,12 +13,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from ..config import Limits
-from ..constants import SOCKET_NAME, STATS_SOCKET_NAME, UWSGI_INI_NAME
+from ..constants import DEFAULT_LOG_FILE_MAX_BYTES, SOCKET_NAME, STATS_SOCKET_NAME, UWSGI_INI_NAME
 from ..render import render
-from ..spec import Artifact, DataMount
+from ..spec import Artifact, DataMount, JobSpec
 
 __all__ = ["Artifact", "BuildRequest", "Built", "DataMount", "InstanceSpec", "InstanceState", "InstanceView",
-           "Runtime", "UwsgiSettings", "uwsgi_ini", "write_uwsgi_ini"]
+           "Runtime", "UwsgiSettings", "instance_environment", "uwsgi_ini", "write_uwsgi_ini"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,27 @@ class Runtime(Protocol):
 
     def restart(self, spec: InstanceSpec, handle: str | None) -> str:
         """Bring a dead or sick instance back (the same one when it still exists); return its handle."""
+
+
+def instance_environment(spec: JobSpec, *, name: str, job_id: str, version: int, app_dir: str, output_dir: str,
+                         manifest_file: str) -> dict[str, str]:
+    """The environment every instance gets, wherever it runs: mlserve.yml's env_vars, then what
+    mlserve tells the app (paths as the instance sees them). Secrets are added by the runtime's caller."""
+    env = {
+        **dict(spec.env_vars),
+        "MLSERVE_APP_DIR": app_dir,
+        "MLSERVE_JOB": name,
+        "MLSERVE_ENDPOINT_ID": job_id,
+        "MLSERVE_VERSION": str(version),
+        "OUTPUT_DIR": output_dir,
+        "LOG_FILE": f"{output_dir}/app.log",
+        "LOG_FILE_MAX_BYTES": str(DEFAULT_LOG_FILE_MAX_BYTES),
+        "MANIFEST_FILE": manifest_file,
+    }
+    if spec.health.path:
+        env["MLSERVE_HEALTH_PATH"] = spec.health.path
+        env["MLSERVE_HEALTH_METHOD"] = spec.health.method
+    return env
 
 
 def uwsgi_ini(uwsgi: UwsgiSettings, *, socket: str, app_dir: str, venv: str, http_socket: str | None = None) -> str:

@@ -89,6 +89,7 @@ TOOLS = ("openssl", "unshare", "mount")
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"  # the first address of SERVICE_CIDR: the `kubernetes` Service's, in the serving cert
+POD_CIDRS = "10.244.{}.0/24"  # hollow node N's pod CIDR (the pods' IP is the fake runtime's all the same)
 NODE_IPS = "10.240.0.{}"  # hollow node N's InternalIP, on the loopback interface of its own network namespace
 RESTRICTED_NAMESPACE = "models"
 
@@ -124,6 +125,8 @@ class ControlPlane:
         self.dir = Path(tempfile.mkdtemp(prefix="mlskube-"))
         self.components: dict[str, Component] = {}
         self.started_in: float | None = None  # seconds start() took
+        self.timings: dict[str, float] = {}  # what start() waited for -> seconds into start() it was there
+        self._start_time = time.monotonic()
         self._forwarders: list[_Forwarder] = []
         self._ports: dict[str, int] = {}
         self._tokens = {name: secrets.token_hex(16) for name in ("admin", "restricted", *self.node_names)}
@@ -201,7 +204,7 @@ class ControlPlane:
     def start(self) -> Self:
         """Starts everything and waits until it answers; raises ControlPlaneError (after stopping what did
         start) if anything does not, with the end of the guilty component's log."""
-        started = time.monotonic()
+        self._start_time = time.monotonic()
         atexit.register(self.stop)
         try:
             self._check_binaries()
@@ -213,11 +216,14 @@ class ControlPlane:
             self._start_etcd()
             self._wait("etcd to answer", lambda: _http_ok(f"http://127.0.0.1:{self._ports['etcd']}/health"), "etcd")
             self._start_apiserver()
+            # The nodes start while the API server does: a kubelet reports its status every 10s, and only the
+            # reports after its runtime's first check (~1s after it starts) say Ready. Started now, a node has
+            # passed that check when it can first register, and is Ready at once, rather than 10s later.
+            for index, node in enumerate(self.node_names):
+                self._start_hollow_node(index, node)
             self._wait("the API server to be ready", lambda: self._https_ok("apiserver", "/readyz"), "kube-apiserver")
             self._start_controller_manager()
             self._start_scheduler()
-            for index, node in enumerate(self.node_names):
-                self._start_hollow_node(index, node)
             self._grant_restricted_user()
             self._wait("the controller manager to be healthy", lambda: self._https_ok("controller-manager"),
                        "kube-controller-manager")
@@ -226,13 +232,12 @@ class ControlPlane:
             self.namespace("default")
             self.namespace(RESTRICTED_NAMESPACE)
             with self.api_client() as api:
-                core = k8s.CoreV1Api(api)
-                self._wait(f"{len(self.node_names)} nodes to be Ready",
-                           lambda: _ready_node_count(core) == len(self.node_names), *self.node_names)
+                self._wait(f"{len(self.node_names)} nodes to be Ready", lambda: self._nodes_ready(api),
+                           *self.node_names)
         except BaseException as exc:
             self._fail_start(exc)
             raise
-        self.started_in = time.monotonic() - started
+        self.started_in = time.monotonic() - self._start_time
         return self
 
     def stop(self) -> None:
@@ -445,6 +450,28 @@ class ControlPlane:
         component.process.stdin.write(b"go\n")
         component.process.stdin.close()
 
+    def _nodes_ready(self, api: k8s.ApiClient) -> bool:
+        """Whether every node is Ready; gives each registered node with a CSINode a pod CIDR, 10.244.N.0/24.
+
+        A hollow kubelet reports its status every 10s, and Kubernetes 1.20's kubelet is not Ready before its
+        CSINode exists, which it creates after registering its node, with retries: its status says Ready 10s
+        after that, ~14s into start(). But it also reports at once when its node first gets a pod CIDR. The
+        controller manager could allocate them (--allocate-node-cidrs), but its IPAM controller starts 10s late.
+        So this plays that part: a cluster whose network plugin gives nodes pod CIDRs has them anyway."""
+        core, storage = k8s.CoreV1Api(api), k8s.StorageV1Api(api)
+        ready = 0
+        for node in core.list_node().items:
+            name = node.metadata.name if node.metadata else None
+            if name not in self.node_names or not node.spec or not node.status:
+                continue
+            if not node.spec.pod_cidr and name in {c.metadata.name for c in storage.list_csi_node().items
+                                                    if c.metadata}:
+                cidr = POD_CIDRS.format(self.node_names.index(name) + 1)
+                core.patch_node(name, {"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})
+            if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or []):
+                ready += 1
+        return ready == len(self.node_names)
+
     def _grant_restricted_user(self) -> None:
         """Namespace ``models``, and a Role there allowing everything, bound to the user ``restricted``."""
         with self.api_client() as api:
@@ -484,6 +511,7 @@ class ControlPlane:
                                             f"the end of its log:\n{self.log_tail(component.name)}")
             try:
                 if ready():
+                    self.timings[what] = round(time.monotonic() - self._start_time, 2)
                     return
             except Exception as exc:  # noqa: BLE001 - not ready yet; kept for the message
                 last_error = exc
@@ -560,11 +588,6 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _ready_node_count(core: k8s.CoreV1Api) -> int:
-    return sum(1 for node in core.list_node().items
-               if node.status and any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or []))
 
 
 def _has_token(core: k8s.CoreV1Api, namespace: str) -> bool:

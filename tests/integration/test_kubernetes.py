@@ -179,7 +179,7 @@ def test_run_scale_canary_traffic_and_stop(kube, control_plane, tmp_path):
     assert job["job"] == "kuber/projects/hello/1" and job["ready"] and job["state"] == "ready"
 
     scaled = kube("scale", "3", "--cluster", "prod", cwd=project)
-    assert scaled.stdout.count(" ready ") == 3, scaled.stdout
+    assert scaled.stdout.count("  ready  ") == 3, scaled.stdout
     jobs = kube.json("status", "--cluster", "prod")
     assert len(jobs) == 3 and all(j["ready"] for j in jobs)
     direct = _ingress(control_plane, "mls-kuber-hello-direct")
