@@ -41,9 +41,12 @@ from .target import ClusterTarget
 # For new pods to become ready before a command gives up and rolls back (a slow image pull counts).
 WAIT_S = float(os.environ.get("MLSERVE_CLUSTER_WAIT_S") or 300)
 POLL_S = 0.25
-# Pod states that will not get better by waiting: the command stops at once and shows why.
-HOPELESS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-            "CreateContainerError", "CrashLoopBackOff", "RunContainerError")
+# Pod states that will not get better by waiting: the command stops at once and shows why. Others
+# are often passing (a kubelet's cache not synced yet): hopeless only when they last this long.
+HOPELESS = ("InvalidImageName", "CrashLoopBackOff")
+LASTING = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError",
+           "RunContainerError")
+LASTING_S = 20.0
 KINDS_OF_A_JOB = ("Ingress", "Service", "Deployment", "ConfigMap")  # the order a job's objects go in
 KINDS_OF_A_PROJECT = ("Ingress", "Service", "Deployment", "NetworkPolicy", "Secret", "ConfigMap")
 PVC_MOUNT = "pvc/NAME:MOUNT"
@@ -306,13 +309,18 @@ class ClusterDeployer:
         what the cluster says about it."""
         deadline = time.monotonic() + timeout_s
         ids = {j.id for j in jobs}
+        since: dict[tuple[str, str], float] = {}  # (job, reason) -> when first seen
         while True:
             live = {j.job.id: j for j in self.jobs(ref) if j.job.id in ids}
             waiting = [live[i] for i in ids if i in live and not live[i].ready]
             if len(live) == len(ids) and not waiting:
                 return
-            hopeless = [j for j in waiting if j.state.split(":")[0] in HOPELESS]
-            if hopeless or time.monotonic() > deadline:
+            now = time.monotonic()
+            reasons = {(j.job.id, j.state.split(":")[0]): j for j in waiting}
+            since = {key: since.get(key, now) for key in reasons}
+            hopeless = [j for (job_id, reason), j in reasons.items()
+                        if reason in HOPELESS or (reason in LASTING and now - since[(job_id, reason)] >= LASTING_S)]
+            if hopeless or now > deadline:
                 shown = hopeless or waiting
                 why = "cannot start" if hopeless else f"not ready after {timeout_s:g} s"
                 raise ClusterError(f"cluster {self.target.name}: {len(shown)} new job(s) of {ref.key} {why}",
