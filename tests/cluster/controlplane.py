@@ -22,7 +22,8 @@ What a hollow node is, and is not (kubemark of Kubernetes 1.20.2):
   needs headroom (a rolling update surges by a pod per Deployment).
 - Nothing runs: the fake runtime reports every container Running as soon as the kubelet starts it.
 - Exec probes always succeed without running anything: ``["true"]`` and ``["false"]`` both make a container
-  Ready (the fake runtime's ExecSync answers exit code 0).
+  Ready (the fake runtime answers every exec with success). A Deployment with one replica and an exec probe
+  (periodSeconds 1) is available 1-4s after it is created.
 - HTTP (and TCP) probes are real requests from the node's network namespace to the pod IP the fake runtime
   reports (the same 192.168.192.168 for every pod); nothing answers there, so such containers never become
   Ready (they stay Running, Ready False, and the Deployment never becomes available).
@@ -47,6 +48,11 @@ Each hollow node runs in network and mount namespaces of its own (``unshare --ne
 
 A node reaches the API server through 127.0.0.1:<api port> in its namespace, which this process forwards to the
 API server's port (``_Forwarder``): the nodes' kubeconfigs hold the same URL as everyone else's.
+
+The ``kubernetes`` client (37.x, models validated by pydantic) against this 1.20 API server: what mlserve uses
+works (core/v1, apps/v1, networking.k8s.io/v1, rbac), but some 1.20 objects fail the client's validation:
+events.k8s.io/v1 Events (read core/v1 Events instead) and CSINodes (``drivers: null``); discovery.k8s.io/v1
+EndpointSlices do not exist in 1.20 (v1beta1 only). kubernetes-validate has no schemas older than 1.25.
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -93,7 +101,7 @@ POD_CIDRS = "10.244.{}.0/24"  # hollow node N's pod CIDR (the pods' IP is the fa
 NODE_IPS = "10.240.0.{}"  # hollow node N's InternalIP, on the loopback interface of its own network namespace
 RESTRICTED_NAMESPACE = "models"
 
-START_TIMEOUT = 90.0  # seconds for any one readiness step; a cached start takes ~15s in all
+START_TIMEOUT = 90.0  # seconds for any one readiness step; a start takes ~7s in all (binaries cached)
 
 T = TypeVar("T")
 
@@ -170,7 +178,10 @@ class ControlPlane:
 
     def api_client(self, context: str = "admin") -> k8s.ApiClient:
         """A new client of the official ``kubernetes`` package, as ``admin`` or ``restricted``."""
-        kubeconfig = self.admin_kubeconfig if context == "admin" else self.restricted_kubeconfig
+        kubeconfigs = {"admin": self.admin_kubeconfig, "restricted": self.restricted_kubeconfig}
+        if context not in kubeconfigs:
+            raise ValueError(f"no context {context!r}: admin or restricted")
+        kubeconfig = kubeconfigs[context]
         return new_client_from_config(config_file=str(kubeconfig), context=context)
 
     def namespace(self, name: str, labels: dict[str, str] | None = None) -> str:
@@ -192,12 +203,15 @@ class ControlPlane:
         return {name: c.log for name, c in self.components.items()}
 
     def log_tail(self, name: str, lines: int = 40) -> str:
-        """The last ``lines`` lines of component ``name``'s log."""
+        """The last ``lines`` lines of component ``name``'s log; for a Kubernetes component that died of a fatal
+        error, those up to that error (klog's ``F`` line), not the goroutine dump after it."""
         try:
-            text = self.components[name].log.read_text(errors="replace")
+            text = self.components[name].log.read_text(errors="replace").splitlines()
         except (KeyError, OSError) as exc:
             return f"(no log for {name}: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
+        fatal = [i for i, line in enumerate(text) if re.match(r"F\d{4} ", line)]
+        end = fatal[-1] + 1 if fatal else len(text)
+        return "\n".join(text[max(0, end - lines):end])
 
     # Start and stop.
 
@@ -216,14 +230,13 @@ class ControlPlane:
             self._start_etcd()
             self._wait("etcd to answer", lambda: _http_ok(f"http://127.0.0.1:{self._ports['etcd']}/health"), "etcd")
             self._start_apiserver()
-            # The nodes start while the API server does: a kubelet reports its status every 10s, and only the
-            # reports after its runtime's first check (~1s after it starts) say Ready. Started now, a node has
-            # passed that check when it can first register, and is Ready at once, rather than 10s later.
-            for index, node in enumerate(self.node_names):
-                self._start_hollow_node(index, node)
             self._wait("the API server to be ready", lambda: self._https_ok("apiserver", "/readyz"), "kube-apiserver")
             self._start_controller_manager()
             self._start_scheduler()
+            # Not before the API server is ready: a 1.20 kubelet exits if it cannot create its CSINode within
+            # ~20s (it needs its Node registered first).
+            for index, node in enumerate(self.node_names):
+                self._start_hollow_node(index, node)
             self._grant_restricted_user()
             self._wait("the controller manager to be healthy", lambda: self._https_ok("controller-manager"),
                        "kube-controller-manager")
@@ -439,33 +452,39 @@ class ControlPlane:
 
         def set_up_namespace() -> socket.socket:
             _configure_loopback(node_ip)
-            listener = socket.create_server(("127.0.0.1", api_port))
-            return listener
+            return socket.create_server(("127.0.0.1", api_port))
 
         listener = _in_network_namespace(pid, set_up_namespace)
         forwarder = _Forwarder(listener, ("127.0.0.1", api_port))
         self._forwarders.append(forwarder)
         forwarder.start()
         assert component.process.stdin is not None
-        component.process.stdin.write(b"go\n")
-        component.process.stdin.close()
+        try:
+            component.process.stdin.write(b"go\n")
+            component.process.stdin.close()
+        except BrokenPipeError:  # its shell failed (a mount): _wait reports how
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                component.process.wait(5)
+            self._wait(f"{name} to start", lambda: False, name, timeout=0)
 
     def _nodes_ready(self, api: k8s.ApiClient) -> bool:
-        """Whether every node is Ready; gives each registered node with a CSINode a pod CIDR, 10.244.N.0/24.
+        """Whether every node is Ready; gives each node that has its CSINode a pod CIDR, 10.244.N.0/24.
 
-        A hollow kubelet reports its status every 10s, and Kubernetes 1.20's kubelet is not Ready before its
-        CSINode exists, which it creates after registering its node, with retries: its status says Ready 10s
-        after that, ~14s into start(). But it also reports at once when its node first gets a pod CIDR. The
-        controller manager could allocate them (--allocate-node-cidrs), but its IPAM controller starts 10s late.
-        So this plays that part: a cluster whose network plugin gives nodes pod CIDRs has them anyway."""
-        core, storage = k8s.CoreV1Api(api), k8s.StorageV1Api(api)
+        Why: a 1.20 kubelet is not Ready until it has created its CSINode (after registering its Node), and a
+        hollow one reports its status every 10s, so it would say Ready only ~10s later. But a kubelet also
+        reports at once when its Node first gets a pod CIDR. The controller manager's IPAM controller could
+        allocate them (--allocate-node-cidrs) but starts 10s late, so this plays its part: nodes are Ready ~7s
+        earlier, and have pod CIDRs as in a cluster whose network plugin gives them out."""
+        core = k8s.CoreV1Api(api)
+        # As JSON: the client's V1CSINodeSpec requires a list of drivers, where 1.20 sends null (no CSI driver).
+        response: Any = k8s.StorageV1Api(api).list_csi_node(_preload_content=False)  # an HTTP response
+        csi_nodes = {item["metadata"]["name"] for item in json.loads(response.data)["items"]}
         ready = 0
         for node in core.list_node().items:
             name = node.metadata.name if node.metadata else None
             if name not in self.node_names or not node.spec or not node.status:
                 continue
-            if not node.spec.pod_cidr and name in {c.metadata.name for c in storage.list_csi_node().items
-                                                    if c.metadata}:
+            if not node.spec.pod_cidr and name in csi_nodes:
                 cidr = POD_CIDRS.format(self.node_names.index(name) + 1)
                 core.patch_node(name, {"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})
             if any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or []):
@@ -511,7 +530,8 @@ class ControlPlane:
                                             f"the end of its log:\n{self.log_tail(component.name)}")
             try:
                 if ready():
-                    self.timings[what] = round(time.monotonic() - self._start_time, 2)
+                    if self.started_in is None:
+                        self.timings[what] = round(time.monotonic() - self._start_time, 2)
                     return
             except Exception as exc:  # noqa: BLE001 - not ready yet; kept for the message
                 last_error = exc

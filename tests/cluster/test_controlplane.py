@@ -118,7 +118,12 @@ def test_service_gets_endpoints(available_deployment: tuple[str, str], api: k8s.
     assert service.spec.cluster_ip.startswith("10.96.")
 
     def addresses() -> list[k8s.V1EndpointAddress] | None:
-        subsets = core.read_namespaced_endpoints(name, namespace).subsets or []
+        try:
+            subsets = core.read_namespaced_endpoints(name, namespace).subsets or []
+        except ApiException as exc:
+            if exc.status == 404:  # the endpoints controller has not made them yet
+                return None
+            raise
         return [address for subset in subsets for address in subset.addresses or []]
 
     [address] = wait_for("the Service's endpoints", addresses)

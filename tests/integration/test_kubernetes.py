@@ -226,6 +226,29 @@ def test_run_scale_canary_traffic_and_stop(kube, control_plane, tmp_path):
     assert left == {**{k: set() for k in KINDS}, "configmaps": {"users-own"}}, left
 
 
+def test_replace_and_fallback(kube, control_plane, tmp_path):
+    project = _project(tmp_path, "swap")
+    selector = "mlserve.io/project=kuber-swap"
+    kube("run", "--mode", "serve", "--cluster", "prod", cwd=project)
+    kube("scale", "2", "--cluster", "prod", cwd=project)
+    fallback = kube.json("run", "--mode", "serve", "--cluster", "prod", "--fallback", cwd=project)
+    assert fallback["version"] == 2
+    main = _ingress(control_plane, "mls-kuber-swap")
+    assert main["metadata"]["annotations"]["nginx.ingress.kubernetes.io/default-backend"] == "mls-kuber-swap-fallback"
+    assert _backend(main) == "mls-kuber-swap-primary"
+    service = _api(control_plane, f"{KINDS['services']}/mls-kuber-swap-fallback").json()
+    assert service["spec"]["selector"]["mlserve.io/role"] == "fallback"
+
+    replaced = kube.json("run", "--mode", "serve", "--cluster", "prod", "--replace", cwd=project)
+    assert replaced["version"] == 3 and len(replaced["jobs"]) == 2
+    assert sorted(replaced["replaced"]) == ["kuber/projects/swap/1", "kuber/projects/swap/2"]
+    jobs = kube.json("status", "--cluster", "prod")
+    assert sorted((j["version"], j["fallback"]) for j in jobs) == [(2, True), (3, False), (3, False)]
+    assert _names(control_plane, KINDS["deployments"], selector) == {
+        "mls-kuber-swap-3", "mls-kuber-swap-4", "mls-kuber-swap-5"}
+    kube("stop", "--project", "swap", "--cluster", "prod")
+
+
 def test_secrets_become_a_kubernetes_secret(kube, control_plane, tmp_path):
     project = _project(tmp_path, "secretive")
     subprocess.run([sys.executable, "-m", "mlserve", "secret", "set", "API_KEY", "--project", "secretive"],
