@@ -25,6 +25,7 @@ from typing import Any
 from results import BenchError, Result, one_line, run_scenarios
 from sandbox import sandbox
 
+from mlserve.kube.render import ProjectRef
 from tests.harness import REPO, Mlserve
 
 KUBE = "Beyond one machine: Kubernetes (issue 10)"
@@ -197,7 +198,7 @@ class KubeBench:
 
         with self.plane.api_client() as api:
             answer = k8s.CoreV1Api(api).list_namespaced_pod(
-                NAMESPACE, label_selector=f"mlserve.io/project=bench-{project}", _preload_content=False)
+                NAMESPACE, label_selector=f"mlserve.io/project={ProjectRef('bench', project).slug}", _preload_content=False)
             pods: list[dict[str, Any]] = json.loads(answer.data)["items"]
         return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 

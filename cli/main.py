@@ -83,14 +83,18 @@ _cluster_option = click.option(
 
 
 def _cluster(flag: str | None, quiet: bool = False) -> ClusterDeployer | None:
-    """The cluster a command goes to (None: this machine)."""
-    name = cluster_choice(flag)
+    """The cluster a command goes to (None: this machine; so does an empty --cluster or MLSERVE_CLUSTER)."""
+    if flag is None and os.environ.get("MLSERVE_CLUSTER") == "":
+        flag = ""
+    name, by_config = cluster_choice(flag)
     if name is None:
         return None
     from .kube.deploy import ClusterDeployer
 
     platform = _platform(quiet)
-    return ClusterDeployer(platform, cluster_target(platform.state, name))
+    kube = ClusterDeployer(platform, cluster_target(platform.state, name))
+    kube.named_by_config = by_config
+    return kube
 
 
 def _run_on_cluster(kube: ClusterDeployer, request: RunRequest, as_json: bool, follow: bool) -> None:
@@ -760,18 +764,18 @@ def cluster() -> None:
               help="The kubeconfig (default: $KUBECONFIG, else ~/.kube/config).")
 @click.option("--context", help="Its context (default: its current context).")
 @click.option("--registry", required=True, help="Where images are pushed and nodes pull them: host[:port]/path.")
-@click.option("--namespace", default="default", show_default=True, help="The namespace jobs go to.")
+@click.option("--namespace", help="The namespace jobs go to (default: the context's, else default).")
 @click.option("--url", required=True, help="The address the cluster's ingress answers at: endpoints start with it.")
 @click.option("--ingress-class", default="nginx", show_default=True, help="The IngressClass of an ingress-nginx controller.")
-def cluster_add(name: str, kubeconfig: Path | None, context: str | None, registry: str, namespace: str, url: str,
-                ingress_class: str) -> None:
+def cluster_add(name: str, kubeconfig: Path | None, context: str | None, registry: str, namespace: str | None,
+                url: str, ingress_class: str) -> None:
     """Check that the cluster answers with these credentials and namespace, then remember it as NAME."""
     platform = _platform()
     found = make_target(name, kubeconfig, context, registry, namespace, url, ingress_class)
     replaced = platform.state.cluster(name) is not None
     platform.state.add_cluster(found)
-    click.echo(f"Cluster {name} {'updated' if replaced else 'added'}: namespace {namespace}, images to {registry}, "
-               f"endpoints at {found.url}.")
+    click.echo(f"Cluster {name} {'updated' if replaced else 'added'}: context {found.context}, namespace "
+               f"{found.namespace}, images to {found.registry}, endpoints at {found.url}.")
     click.echo(f"Deploy with `mlserve run --mode serve --cluster {name}`.")
 
 

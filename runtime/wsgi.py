@@ -80,12 +80,14 @@ class Instance:
             return self.health(environ, start_response)
         if self.prefixes:
             # No gateway of mlserve's is in front (a cluster's ingress is): the token name the gateway
-            # would set cannot be told from a client's header of that name, so the app never sees one.
+            # would set cannot be told from a client's header of that name, so the app never sees one;
+            # and the app's answer cannot steer the proxy (X-Accel-*) or claim mlserve's own headers.
             environ.pop("HTTP_X_MLSERVE_TOKEN", None)
             if not environ.get("SCRIPT_NAME"):
                 script_name, path_info = split_prefix("", environ.get("PATH_INFO", ""), self.prefixes)
                 if script_name:
                     environ["SCRIPT_NAME"], environ["PATH_INFO"] = script_name, path_info
+            return self.loaded.wsgi(environ, _without_proxy_headers(start_response))
         return self.loaded.wsgi(environ, start_response)
 
     def health(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -116,6 +118,19 @@ class Instance:
         data = json.dumps(detail).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
         return [data]
+
+
+PROXY_HEADER_PREFIXES = ("x-accel-", "x-mlserve-")
+
+
+def _without_proxy_headers(start_response: StartResponse) -> StartResponse:
+    """start_response without the headers nginx acts on (X-Accel-Redirect, -Buffering, -Limit-Rate ...)
+    or that mlserve sets itself."""
+    def filtered(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        kept = [(k, v) for k, v in headers if not k.lower().startswith(PROXY_HEADER_PREFIXES)]
+        return start_response(status, kept, exc_info) if exc_info is not None else start_response(status, kept)
+
+    return filtered
 
 
 def _make() -> Instance:

@@ -9,9 +9,11 @@ cluster, what went wrong and what to do.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -63,13 +65,19 @@ class Credentials:
     headers: dict[str, str] = field(default_factory=dict)
     auth: tuple[str, str] | None = None
     namespace: str | None = None  # the context's own namespace
+    context: str = ""  # the context's name (the current one when none was asked for)
 
 
 def _data_file(data: str, folder: Path, name: str) -> str:
+    """A kubeconfig's *-data as a private file (requests takes files), gone when the command ends."""
+    try:
+        content = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError):
+        raise ClusterError(f"the kubeconfig's {name} data is not base64") from None
     path = folder / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(base64.b64decode(data))
+        out.write(content)
     return str(path)
 
 
@@ -101,10 +109,11 @@ def load_credentials(kubeconfig: Path, context: str | None) -> Credentials:
     user = _named(config.get("users"), str(ctx.get("user")), "user", kubeconfig) if ctx.get("user") else {}
     server = str(cluster.get("server") or "").rstrip("/")
     if not server.startswith(("https://", "http://")):
-        raise ClusterError(f"the kubeconfig's cluster {ctx.get('cluster')!r} has no https:// server address")
-    folder = Path(tempfile.mkdtemp(prefix="mlserve-kube-"))  # data turned into files for requests; private
+        raise ClusterError(f"the kubeconfig's cluster {ctx.get('cluster')!r} has no http(s):// server address")
+    folder = Path(tempfile.mkdtemp(prefix="mlserve-kube-"))  # data turned into files for requests; private (0700)
+    atexit.register(shutil.rmtree, folder, True)
     base = kubeconfig.parent
-    creds = Credentials(server, namespace=ctx.get("namespace"))
+    creds = Credentials(server, namespace=ctx.get("namespace"), context=str(name))
     if cluster.get("insecure-skip-tls-verify"):
         creds.verify = False
     elif cluster.get("certificate-authority-data"):
@@ -119,7 +128,10 @@ def load_credentials(kubeconfig: Path, context: str | None) -> Credentials:
         creds.cert = (cert, key)
     token = user.get("token")
     if not token and user.get("tokenFile"):
-        token = Path(base / user["tokenFile"]).read_text().strip()
+        try:
+            token = Path(base / user["tokenFile"]).read_text().strip()
+        except OSError as exc:
+            raise ClusterError(f"cannot read the kubeconfig's tokenFile: {exc.strerror}") from None
     if not token and isinstance(user.get("exec"), dict):
         token = _exec_token(user["exec"], server)
     if user.get("auth-provider"):

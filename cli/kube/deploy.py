@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config
-from ..constants import DEFAULT_WORKERS, ENDPOINT_ID_LENGTH, KEEP_VERSIONS
+from ..constants import (
+    DEFAULT_BODY_LIMIT_MB,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_WORKERS,
+    DRAIN_GRACE_S,
+    ENDPOINT_ID_LENGTH,
+    KEEP_VERSIONS,
+)
 from ..deploy import RunRequest, _network
 from ..errors import JobNotFoundError, UsageError
 from ..instances import new_endpoint_id
@@ -47,9 +56,12 @@ HOPELESS = ("InvalidImageName", "CrashLoopBackOff")
 LASTING = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError",
            "RunContainerError")
 LASTING_S = 20.0
-KINDS_OF_A_JOB = ("Ingress", "Service", "Deployment", "ConfigMap")  # the order a job's objects go in
+# After a job leaves the routes and before its pod is told to stop: ingress-nginx picks the change up
+# from the endpoints (the pod's own preStop pause covers the rest).
+DRAIN_S = DRAIN_GRACE_S
 KINDS_OF_A_PROJECT = ("Ingress", "Service", "Deployment", "NetworkPolicy", "Secret", "ConfigMap")
 PVC_MOUNT = "pvc/NAME:MOUNT"
+MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in render.MANAGED.items())
 
 
 @dataclass
@@ -117,37 +129,54 @@ class _Clock:
 
 
 class Changes:
-    """Objects applied by one command, to put back in reverse order when it fails."""
+    """Objects applied by one command, to put back in reverse order when it fails. Only objects of its
+    own project (by their project-key annotation) are ever replaced or deleted."""
 
-    def __init__(self, api: Api, report: Callable[[str], None]) -> None:
+    def __init__(self, api: Api, report: Callable[[str], None], key: str) -> None:
         self.api = api
         self.report = report
+        self.key = key  # owner/projects/project
         self.done: list[tuple[str, str, dict[str, Any] | None]] = []  # kind, name, the object before (None: new)
+
+    def _ours(self, obj: dict[str, Any]) -> bool:
+        return (obj["metadata"].get("annotations") or {}).get(render.ANNOTATION_KEY) == self.key
 
     def apply(self, body: dict[str, Any]) -> None:
         """Create, or replace what is there (a Service that exists is kept: its address must not change)."""
         kind, name = body["kind"], body["metadata"]["name"]
+        self.done.append((kind, name, None))  # before the call: a create that times out may have happened
         try:
             self.api.create(body)
-            self.done.append((kind, name, None))
             return
         except Conflict:
-            pass
+            self.done.pop()
         current = self.api.get(kind, name)
-        if current is None or kind == "Service":
-            if current is None:
-                self.apply(body)
-            return
-        self.api.replace(body, current["metadata"]["resourceVersion"])
-        self.done.append((kind, name, current))
+        if current is None:
+            return self.apply(body)
+        if not self._ours(current):
+            raise ClusterError(f"{kind} {name} on the cluster is not {self.key}'s: it is left alone",
+                               "Another project or tool uses that name; deploy under another project name.")
+        if kind != "Service":
+            self.done.append((kind, name, current))
+            self.api.replace(body, current["metadata"]["resourceVersion"])
 
     def delete(self, kind: str, name: str) -> None:
         current = self.api.get(kind, name)
-        if current is not None and self.api.delete(kind, name):
+        if current is not None and self._ours(current):
             self.done.append((kind, name, current))
+            self.api.delete(kind, name)
 
     def undo(self) -> None:
-        """Best effort: every step is tried, and what could not be put back is said."""
+        """Best effort: every step is tried, and what could not be put back is said. Ctrl-C waits
+        until it is done: a half-undone change is what it exists to prevent."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            self._undo()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _undo(self) -> None:
         for kind, name, before in reversed(self.done):
             try:
                 if before is None:
@@ -162,6 +191,10 @@ class Changes:
             except ClusterError as exc:
                 self.report(f"Warning: could not put back {kind} {name}: {exc.message}")
         self.done.clear()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _reusable(obj: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +232,9 @@ class ClusterDeployer:
         self.target = target
         self.report = platform.report
         self.api = target.api()
+        # Only the folder's mlserve.yml chose this cluster (no --cluster, no MLSERVE_CLUSTER): it may
+        # come from a cloned repository, so it never decides alone to publish or to stop everything.
+        self.named_by_config = False
 
     # endpoints ----------------------------------------------------------------------------------
 
@@ -223,7 +259,8 @@ class ClusterDeployer:
             return Record()
         key = (found["metadata"].get("annotations") or {}).get(render.ANNOTATION_KEY)
         if key != ref.key:
-            raise ClusterError(f"cluster {self.target.name}: the name {ref.name()} is taken by {key or 'another object'}",
+            raise ClusterError(f"cluster {self.target.name}: the name {ref.name()} is taken by "
+                               f"{printable(str(key or 'another object'))[:100]}",
                                f"Deploy {ref.key} under another project name (--project).")
         try:
             data = json.loads(found["data"]["record"])
@@ -249,14 +286,26 @@ class ClusterDeployer:
                                "Nothing was changed by this one; run it again.") from None
         return replace(record, resource_version=saved["metadata"]["resourceVersion"])
 
-    def restore(self, ref: ProjectRef, before: Record) -> None:
-        """Put the record back as it was before this command (or remove it if it had none)."""
+    def restore(self, ref: ProjectRef, before: Record, mine: Record) -> None:
+        """Undo this command's record change (``before`` -> ``mine``, as this command saved it). If nobody
+        wrote the record since, it goes back whole (or goes, if there was none); otherwise only this
+        command's version and share leave it, and the job numbers it took stay taken."""
         try:
-            if before.resource_version is None:
-                self.api.delete("ConfigMap", ref.name())
-                return
             now = self.record(ref)
-            self.save(ref, replace(before, resource_version=now.resource_version))
+            if now.resource_version == mine.resource_version:
+                if before.resource_version is None:
+                    self.api.delete("ConfigMap", ref.name())
+                else:
+                    self.save(ref, replace(before, resource_version=now.resource_version))
+                return
+            added = set(mine.versions) - set(before.versions)
+            shares = now.traffic.shares
+            if now.traffic == mine.traffic:
+                shares = before.traffic.shares
+            elif shares is not None:
+                shares = {v: p for v, p in shares.items() if v not in added} or None
+            self.save(ref, replace(now, versions={n: v for n, v in now.versions.items() if n not in added},
+                                   traffic=Traffic(shares)))
         except ClusterError as exc:
             self.report(f"Warning: could not put back the record of {ref.key}: {exc.message}")
 
@@ -264,17 +313,19 @@ class ClusterDeployer:
 
     def jobs(self, ref: ProjectRef | None = None) -> list[LiveJob]:
         """Every job (of ``ref``, else of every project in the namespace), from two list calls."""
-        selector = (ref.selector() if ref else ",".join(f"{k}={v}" for k, v in render.MANAGED.items()))
+        selector = ref.selector() if ref else MANAGED_SELECTOR
         deployments = self.api.list("Deployment", selector)
         pods: dict[str, dict[str, Any]] = {}
-        for pod in self.api.list("Pod", selector):
+        # A job's pod: not going or ended (an evicted pod is kept by Kubernetes), the newest.
+        for pod in sorted(self.api.list("Pod", selector), key=lambda p: p["metadata"].get("creationTimestamp", "")):
             job_id = (pod["metadata"].get("labels") or {}).get(render.LABEL_JOB)
-            if job_id and not pod["metadata"].get("deletionTimestamp"):
+            ended = (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+            if job_id and not pod["metadata"].get("deletionTimestamp") and not (ended and job_id in pods):
                 pods[job_id] = pod
         found = []
         for deployment in deployments:
             labels = deployment["metadata"].get("labels") or {}
-            key = (deployment["metadata"].get("annotations") or {}).get(render.ANNOTATION_KEY, "")
+            key = printable((deployment["metadata"].get("annotations") or {}).get(render.ANNOTATION_KEY, ""))
             owner, _, project = key.partition("/projects/")
             try:
                 job = ClusterJob(labels[render.LABEL_JOB], int(labels[render.LABEL_NUMBER]),
@@ -329,11 +380,17 @@ class ClusterDeployer:
 
     # routes ---------------------------------------------------------------------------------------
 
-    def apply_routes(self, ref: ProjectRef, record: Record, jobs: list[ClusterJob], changes: Changes,
-                     body_limit_mb: int, timeout_s: int) -> None:
-        """The project's Services and Ingress objects for these jobs and the record's split; objects of a
-        route no longer needed go."""
-        routes = plan_routes(ref, record.traffic, jobs)
+    def apply_routes(self, ref: ProjectRef, changes: Changes, leaving: Iterable[str] = ()) -> None:
+        """The project's Services and Ingress objects as the record and the jobs are now (read afresh:
+        another command may have changed either meanwhile), without the jobs ``leaving`` (ids); the
+        objects of a route no longer needed go."""
+        record = self.record(ref)
+        gone = set(leaving)
+        jobs = [j.job for j in self.jobs(ref) if j.job.id not in gone]
+        routes = plan_routes(ref, record.traffic, jobs, record.versions)
+        newest = record.spec(max(record.versions)) if record.versions else None
+        body_limit_mb = newest.body_limit_mb if newest else DEFAULT_BODY_LIMIT_MB
+        timeout_s = newest.timeout_s if newest else DEFAULT_TIMEOUT_S
         wanted = [render.role_service(ref, "primary")]
         wanted += [render.role_service(ref, "fallback")] if routes.fallback else []
         wanted += [render.version_service(ref, v) for v in routes.versions]
@@ -344,6 +401,16 @@ class ClusterDeployer:
         for name in (ref.name("canary"), ref.name("direct")):
             if name not in names:
                 changes.delete("Ingress", name)
+
+    def _remove_jobs(self, ref: ProjectRef, jobs: Iterable[ClusterJob]) -> None:
+        """Remove jobs already out of the routes: a failure is said, never undone (the routes moved on)."""
+        changes = Changes(self.api, self.report, ref.key)
+        for job in jobs:
+            for kind in ("Service", "Deployment", "ConfigMap"):
+                try:
+                    changes.delete(kind, job.name(ref))
+                except ClusterError as exc:
+                    self.report(f"Warning: {ref.key}/{job.number}: {exc.message}")
 
     # commands -------------------------------------------------------------------------------------
 
@@ -366,6 +433,10 @@ class ClusterDeployer:
         if len({m.mount for m in mounts}) != len(mounts):
             raise UsageError("two data sources are mounted at the same place", "Give each --data its own mount point.")
         network = _network(request.network, config.network)
+        if self.named_by_config and request.access is None:
+            raise UsageError(f"mlserve.yml sends {ref.key} to cluster {self.target.name}, where it would be public",
+                             f"Confirm with `--access public` (or name the cluster: `--cluster {self.target.name}`); "
+                             "`--cluster ''` serves it on this machine.")
         _check_access(request.access or config.access, config)
         self.api.check_namespace()  # reachable, allowed, the namespace exists: before building
         before = self.record(ref)
@@ -403,31 +474,25 @@ class ClusterDeployer:
         count = max(1, sum(1 for j in same_kind if j.ready)) if request.replace else 1
         new = [ClusterJob(new_endpoint_id(), record.last_job + i + 1, version, request.fallback) for i in range(count)]
         record.last_job += count
-        changes = Changes(self.api, self.report)
-        record = self.save(ref, record)  # the numbers are taken: the first write
-        replaced: list[str] = []
+        changes = Changes(self.api, self.report, ref.key)
+        mine = before
+        old = [j.job for j in same_kind] if request.replace else []
         try:
-            self._start(ref, spec, new, changes, secrets, network, clock)
-            jobs = [j.job for j in live] + new
-            if request.replace:
-                old = [j for j in same_kind]
-                if not request.fallback and record.traffic.shares is not None:
-                    record.traffic = Traffic({version: 100})
-                    record = self.save(ref, record)
-                jobs = [j for j in jobs if j not in {o.job for o in old}]
-                self.apply_routes(ref, record, jobs, changes, spec.body_limit_mb, spec.timeout_s)
-                for job in old:
-                    self._remove_job(ref, job.job, changes)
-                replaced = [j.name for j in old]
-            else:
-                self.apply_routes(ref, record, jobs, changes, spec.body_limit_mb, spec.timeout_s)
+            mine = self.save(ref, record)  # the numbers are taken: the first write
+            self._start(ref, spec, new, changes, secrets, clock)
+            if request.replace and not request.fallback and mine.traffic.shares is not None:
+                mine = self.save(ref, replace(self.record(ref), traffic=Traffic({version: 100})))
+            self.apply_routes(ref, changes, leaving=[j.id for j in old])
         except BaseException:
             changes.undo()
-            self.restore(ref, before)
+            self.restore(ref, before, mine)
             raise
+        self._remove_jobs(ref, old)
         clock.lap("routes")
         self._forget_old_versions(ref, {j.job.version for j in live} | {version})
-        return ClusterDeployment(ref, new, version, image, record.traffic, replaced, built.summary, clock.laps)
+        self.platform.engine.untag(built.artifact.ref)  # the registry has it; its layers stay cached here
+        return ClusterDeployment(ref, new, version, image, mine.traffic, [f"{ref.key}/{j.number}" for j in old],
+                                 built.summary, clock.laps)
 
     def push(self, ref: ProjectRef, local: str) -> str:
         """The built image, pushed to the target's registry: its reference by digest (what pods run)."""
@@ -444,16 +509,15 @@ class ClusterDeployer:
         return image
 
     def _start(self, ref: ProjectRef, spec: JobSpec, new: list[ClusterJob], changes: Changes,
-               secrets: dict[str, str], network: str, clock: _Clock | None = None) -> None:
+               secrets: dict[str, str], clock: _Clock | None = None) -> None:
+        """Apply the jobs' objects (and the project's secrets, the version's network policy) and wait
+        until they are ready. Secrets this machine does not have are left as the cluster has them."""
         if secrets:
             changes.apply(render.secret(ref, secrets))
-        else:
-            changes.delete("Secret", ref.name("secrets"))
-        policy = render.network_policy(ref, network)
-        if policy is not None:
-            changes.apply(policy)
-        else:
-            changes.delete("NetworkPolicy", ref.name())
+        for version in sorted({job.version for job in new}):
+            policy = render.network_policy(ref, version, spec.network)
+            if policy is not None:
+                changes.apply(policy)
         for job in new:
             changes.apply(render.job_config(ref, job, spec, self.urls(ref, job)))
             changes.apply(render.job_deployment(ref, job, spec, spec.artifact.ref))
@@ -464,11 +528,6 @@ class ClusterDeployer:
         self.wait_ready(ref, new, WAIT_S)
         if clock:
             clock.lap("ready")
-
-    def _remove_job(self, ref: ProjectRef, job: ClusterJob, changes: Changes) -> None:
-        name = job.name(ref)
-        for kind in ("Service", "Deployment", "ConfigMap"):
-            changes.delete(kind, name)
 
     def _forget_old_versions(self, ref: ProjectRef, serving: set[int]) -> None:
         """Keep the newest KEEP_VERSIONS versions (and those with jobs) in the record; best effort."""
@@ -500,59 +559,65 @@ class ClusterDeployer:
         target = len(group) + add if add is not None else replicas
         if target is None or target < 0:
             raise UsageError("scale needs a count N >= 0, or --add K")
-        changes = Changes(self.api, self.report)
-        jobs = [j.job for j in live]
+        changes = Changes(self.api, self.report, ref.key)
         if target > len(group):
             if source is None:
                 raise JobNotFoundError(f"project {ref.key} has no running job to copy",
                                        "Start one with `mlserve run --mode serve --cluster`, or scale --version N.")
             spec = record.spec(source)
+            image = spec.artifact.ref
+            if not image.startswith(f"{self.target.registry}/{ref.slug}@sha256:"):
+                raise ClusterError(f"the record of {ref.key} names the image {printable(image)[:120]}, not one mlserve "
+                                   f"pushed to {self.target.registry}: it is not started",
+                                   "Deploy the project again with `mlserve run --mode serve --cluster`.")
             new = [ClusterJob(new_endpoint_id(), record.last_job + i + 1, source, record.fallback(source))
                    for i in range(target - len(group))]
-            record.last_job += len(new)
-            self.save(ref, record)
+            self.save(ref, replace(record, last_job=record.last_job + len(new)))  # the numbers are taken
             try:
-                self._start(ref, spec, new, changes, Secrets(self.platform.home, ref.owner, ref.project).environment(),
-                            spec.network)
-                self.apply_routes(ref, record, jobs + new, changes, spec.body_limit_mb, spec.timeout_s)
+                self._start(ref, spec, new, changes, Secrets(self.platform.home, ref.owner, ref.project).environment())
+                self.apply_routes(ref, changes)
             except BaseException:
                 changes.undo()
                 raise
         elif target < len(group):
             shares = record.traffic.shares or {}
             order = sorted(group, key=lambda j: (shares.get(j.job.version, 0), j.created, j.job.number))
-            going = {j.job for j in order[: len(group) - target]}
-            spec = record.spec(max(record.versions))
-            self.apply_routes(ref, record, [j for j in jobs if j not in going], changes, spec.body_limit_mb,
-                              spec.timeout_s)
-            for job in going:
-                self._remove_job(ref, job, changes)
+            going = [j.job for j in order[: len(group) - target]]
+            self._leave(ref, going)
         return self.jobs(ref)
 
+    def _leave(self, ref: ProjectRef, going: list[ClusterJob]) -> None:
+        """Take jobs out of the project's routes (put back if that fails), then remove them."""
+        changes = Changes(self.api, self.report, ref.key)
+        try:
+            self.apply_routes(ref, changes, leaving=[j.id for j in going])
+        except BaseException:
+            changes.undo()
+            raise
+        if going:
+            time.sleep(DRAIN_S)  # requests on their way to a leaving pod still land
+        self._remove_jobs(ref, going)
+
     def stop(self, refs: Iterable[str], project: str | None, everything: bool) -> list[str]:
-        """Remove jobs (their Deployment, Service and ConfigMap, and their routes), or every object of a
-        project, or of every project: only objects with mlserve's labels, nothing else."""
+        """Remove jobs (out of the routes first, then their Deployment, Service and ConfigMap), or every
+        object of a project, or of every project: only objects with mlserve's labels (and, for a
+        project, its project-key annotation), nothing else."""
+        if everything and self.named_by_config:
+            raise UsageError(f"only mlserve.yml names cluster {self.target.name}: `stop --all` there needs it named",
+                             f"`mlserve stop --all --cluster {self.target.name}`.")
         if everything or project is not None:
-            selector = ProjectRef(self.platform.owner, project).selector() if project is not None else \
-                ",".join(f"{k}={v}" for k, v in render.MANAGED.items())
-            names = sorted({j.name for j in self.jobs()} if everything else
-                           {j.name for j in self.jobs(ProjectRef(self.platform.owner, project or ""))})
+            ref = ProjectRef(self.platform.owner, project) if project is not None else None
+            names = sorted(j.name for j in self.jobs(ref) if ref is None or j.ref.key == ref.key)
             for kind in KINDS_OF_A_PROJECT:
-                for obj in self.api.list(kind, selector):
-                    self.api.delete(kind, obj["metadata"]["name"])
+                for obj in self.api.list(kind, ref.selector() if ref else MANAGED_SELECTOR):
+                    key = (obj["metadata"].get("annotations") or {}).get(render.ANNOTATION_KEY)
+                    if ref is None or key == ref.key:
+                        self.api.delete(kind, obj["metadata"]["name"])
             return names
         live = self.jobs()
-        going = [self.find(live, ref) for ref in refs]
+        going = [self.find(live, text) for text in refs]
         for ref in {j.ref for j in going}:
-            record = self.record(ref)
-            left = [j.job for j in live if j.ref == ref and j not in going]
-            changes = Changes(self.api, self.report)
-            spec = record.spec(max(record.versions)) if record.versions else None
-            self.apply_routes(ref, record, left, changes, spec.body_limit_mb if spec else 100,
-                              spec.timeout_s if spec else 60)
-            for job in going:
-                if job.ref == ref:
-                    self._remove_job(ref, job.job, changes)
+            self._leave(ref, [j.job for j in going if j.ref == ref])
         return [j.name for j in going]
 
     def find(self, live: list[LiveJob], text: str) -> LiveJob:
@@ -610,19 +675,18 @@ class ClusterDeployer:
             raise JobNotFoundError(f"no project {ref.key} on cluster {self.target.name}")
         live = self.jobs(ref)
         if to or to_latest or by_jobs:
-            before = record
+            before = mine = record
             shares = changed_shares(record.traffic.shares, {n: record.fallback(n) for n in record.versions}, to,
                                     to_latest, by_jobs, ref.key)
             record = replace(record, traffic=Traffic(shares))
-            plan_routes(ref, record.traffic, [j.job for j in live])  # refused before anything changes
-            record = self.save(ref, record)
-            changes = Changes(self.api, self.report)
-            spec = record.spec(max(record.versions))
+            plan_routes(ref, record.traffic, [j.job for j in live], record.versions)  # refused before any change
+            changes = Changes(self.api, self.report, ref.key)
             try:
-                self.apply_routes(ref, record, [j.job for j in live], changes, spec.body_limit_mb, spec.timeout_s)
+                record = mine = self.save(ref, record)
+                self.apply_routes(ref, changes)
             except BaseException:
                 changes.undo()
-                self.restore(ref, before)
+                self.restore(ref, before, mine)
                 raise
         return split_rows(record, live)
 
@@ -641,23 +705,28 @@ def split_rows(record: Record, live: list[LiveJob], every: bool = False) -> list
             for n in sorted(record.versions) if every or active[n] or shares.get(n)]
 
 
-def plan_routes(ref: ProjectRef, traffic: Traffic, jobs: list[ClusterJob]) -> Routes:
+def plan_routes(ref: ProjectRef, traffic: Traffic, jobs: list[ClusterJob], versions: Iterable[int]) -> Routes:
     """Where the project endpoint goes: equal turns per primary job (the primary Service), or the
-    version with the largest share, with a second version as ingress-nginx's weighted canary."""
+    version with the largest share, with a second version as ingress-nginx's weighted canary. As on
+    one machine, a share of a version without a job goes to the others (equal turns when none with a
+    share has one). Every version on record keeps its endpoint (its Service answers 503 without a job)."""
     fallback = ref.name("fallback") if any(j.fallback for j in jobs) else None
-    versions = tuple(sorted({j.version for j in jobs}))
+    every = tuple(sorted(set(versions) | {j.version for j in jobs}))
     ordered = tuple(sorted(jobs, key=lambda j: j.number))
-    if traffic.shares is None:
-        return Routes(ref.name("primary"), fallback=fallback, versions=versions, jobs=ordered)
-    shared = sorted(((p, v) for v, p in traffic.shares.items() if p > 0), key=lambda pv: (-pv[0], pv[1]))
-    if len(shared) > 2:
-        raise UsageError(f"{len(shared)} versions with a share: on a cluster, ingress-nginx splits a route between "
-                         "two versions at most (a main route and one weighted canary)",
+    with_jobs = {j.version for j in jobs if not j.fallback}
+    shared = sorted(((p, v) for v, p in (traffic.shares or {}).items() if p > 0 and v in with_jobs),
+                    key=lambda pv: (-pv[0], pv[1]))
+    if len([v for v, p in (traffic.shares or {}).items() if p > 0]) > 2:
+        raise UsageError(f"{len(traffic.shares or {})} versions with a share: on a cluster, ingress-nginx splits a "
+                         "route between two versions at most (a main route and one weighted canary)",
                          "Give at most two versions a share, e.g. `--to 3=90 --to 4=10`.")
+    if not shared:
+        return Routes(ref.name("primary"), fallback=fallback, versions=every, jobs=ordered)
     main = ref.name(f"v{shared[0][1]}")
     if len(shared) == 1:
-        return Routes(main, fallback=fallback, versions=versions, jobs=ordered)
-    return Routes(main, ref.name(f"v{shared[1][1]}"), shared[1][0], fallback, versions, ordered)
+        return Routes(main, fallback=fallback, versions=every, jobs=ordered)
+    weight = round(100 * shared[1][0] / (shared[0][0] + shared[1][0]))
+    return Routes(main, ref.name(f"v{shared[1][1]}"), weight, fallback, every, ordered)
 
 
 def _new_version(record: Record, spec: JobSpec, fallback: bool, now: float) -> Record:

@@ -57,6 +57,7 @@ PVC_PREFIX = "pvc/"
 REQUEST_CPU_MILLI = 100
 REQUEST_MEMORY = 256 << 20
 SOCKET_VOLUME_BYTES = 1 << 20
+PRE_STOP_S = 3
 CONFIG_DIR = f"{INSTANCE_RUN_DIR}/config"  # the job's ConfigMap: uwsgi.ini and manifest.json
 _SLUG_BAD = re.compile(r"[^a-z0-9-]")
 
@@ -72,14 +73,11 @@ class ProjectRef:
 
     @property
     def slug(self) -> str:
-        """The project's part of object names and its label value: readable when the names allow,
-        with a hash when `_` had to go or the names are long (object names are DNS labels)."""
-        plain = f"{self.owner}-{self.project}"
-        cleaned = _SLUG_BAD.sub("-", plain)
-        if cleaned == plain and len(plain) <= 40:
-            return plain
-        digest = hashlib.sha256(self.key.encode()).hexdigest()[:8]
-        return f"{cleaned[:31].strip('-')}-{digest}"
+        """The project's part of object names and its label value: the names, made a DNS label, and
+        always a hash of owner/project at the end, so two projects never share a slug (a-b/c and
+        a/b-c, a_b and a-b) and no project's slug is another's with a suffix (hello and hello-1)."""
+        cleaned = _SLUG_BAD.sub("-", f"{self.owner}-{self.project}")[:30].strip("-")
+        return f"{cleaned}-{hashlib.sha256(self.key.encode()).hexdigest()[:6]}"
 
     def name(self, suffix: str = "") -> str:
         """An object's name: ``mls-<slug>`` and a suffix (a Service's name must start with a letter)."""
@@ -138,7 +136,8 @@ def probes(spec: JobSpec) -> dict[str, dict[str, Any]]:
     """Readiness (take traffic?) is the health request over the uwsgi socket, as the local supervisor
     sends it; liveness (restart?) is the master's stats: busy workers inside the timeout are alive.
     Both are exec probes: the health var cannot come in over HTTP, so no client can fake a verdict.
-    The startup probe gives a slow import the same grace as on one machine."""
+    The startup probe holds liveness off until the master answers its stats (workers still loading
+    count as busy there, up to LOAD_GRACE_S, as on one machine)."""
     python = f"{INSTANCE_VENV}/bin/python"
     health = spec.health
     ready = [python, "-m", "mlserve_runtime.health", "ready", "--socket", f"{INSTANCE_RUN_DIR}/{SOCKET_NAME}",
@@ -205,6 +204,10 @@ def job_deployment(ref: ProjectRef, job: ClusterJob, spec: JobSpec, image: str) 
                             "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
         **probes(spec),
+        # Endpoints leave ingress-nginx's upstreams a moment after the pod is told to stop: the pod
+        # keeps serving that long (uWSGI then stops gracefully, in-flight requests finish).
+        "lifecycle": {"preStop": {"exec": {"command": [f"{INSTANCE_VENV}/bin/python", "-c",
+                                                      f"import time; time.sleep({PRE_STOP_S})"]}}},
         "volumeMounts": mounts,
     }
     labels = job.labels(ref)
@@ -223,7 +226,7 @@ def job_deployment(ref: ProjectRef, job: ClusterJob, spec: JobSpec, image: str) 
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     # uWSGI's graceful stop lets in-flight requests finish within the timeout.
-                    "terminationGracePeriodSeconds": spec.timeout_s + 5,
+                    "terminationGracePeriodSeconds": PRE_STOP_S + spec.timeout_s + 5,
                     "securityContext": {"runAsNonRoot": True, "runAsUser": CONTAINER_UID,
                                         "runAsGroup": CONTAINER_UID, "fsGroup": CONTAINER_UID,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
@@ -256,19 +259,20 @@ def role_service(ref: ProjectRef, role: str) -> dict[str, Any]:
     return service(ref, ref.name(role), {LABEL_ROLE: role}, ref.labels())
 
 
-def network_policy(ref: ProjectRef, network: str) -> dict[str, Any] | None:
-    """The egress rule of config.NETWORKS for the project's pods: isolated reaches the internet and DNS,
-    not private or special ranges (the cluster's own pods and nodes among them); none reaches nothing;
-    open needs no policy."""
+def network_policy(ref: ProjectRef, version: int, network: str) -> dict[str, Any] | None:
+    """The egress rule of config.NETWORKS for a version's pods (each version keeps the one it was run
+    with): isolated reaches the internet and DNS, not private or special ranges (the cluster's own pods
+    and nodes among them); none reaches nothing; open needs no policy."""
     if network == "open":
         return None
     egress: list[dict[str, Any]] = []
     if network == "isolated":
         egress = [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(BLOCKED)}}]},
                   {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]
+    labels = {**ref.labels(), LABEL_VERSION: str(version)}
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": _meta(ref.name(), ref.labels(), ref),
-            "spec": {"podSelector": {"matchLabels": ref.labels()}, "policyTypes": ["Egress"], "egress": egress}}
+            "metadata": _meta(ref.name(f"v{version}"), labels, ref),
+            "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Egress"], "egress": egress}}
 
 
 def secret(ref: ProjectRef, values: Mapping[str, str]) -> dict[str, Any]:
@@ -317,8 +321,10 @@ def ingresses(ref: ProjectRef, routes: Routes, host: str | None, ingress_class: 
               timeout_s: int) -> list[dict[str, Any]]:
     """The project's Ingress objects: the project route (with the fallback as its default backend), the
     canary beside it when two versions share, and the direct routes (versions, jobs) that never fall back."""
+    # As the local gateway: one body limit and timeout, and a request that timed out is not sent again
+    # to another pod (ingress-nginx would, up to 3 times: 3 workers busy with one slow request).
     limits = {f"{INGRESS}/proxy-body-size": f"{body_limit_mb}m", f"{INGRESS}/proxy-read-timeout": str(timeout_s),
-              f"{INGRESS}/proxy-send-timeout": str(timeout_s)}
+              f"{INGRESS}/proxy-send-timeout": str(timeout_s), f"{INGRESS}/proxy-next-upstream": "error"}
     project_path = f"/serve/{ref.key}"
     main = {**limits, **({f"{INGRESS}/default-backend": routes.fallback} if routes.fallback else {})}
     objects = [_ingress(ref, ref.name(), host, [_path(project_path, routes.main)], ingress_class, main)]

@@ -22,6 +22,7 @@ import requests
 from kubernetes import client as k8s
 from kubernetes.stream import stream
 
+from mlserve.kube.render import ProjectRef
 from tests.cluster.kubelet import KERNEL_TUNABLES, PAUSE_IMAGE, RealNode
 from tests.harness import make_mlserve, teardown_mlserve
 
@@ -127,8 +128,9 @@ def test_mlserve_pod_serves_on_a_real_kubelet(kube, control_plane, node, core, t
     (project / "mlserve.yml").write_text("project: pod\naccess: public\n")
     # mlserve renders, pushes and applies; the pod is Ready at once on a hollow node, as in test_kubernetes.
     started = kube.json("run", "--mode", "serve", "--cluster", "real", cwd=project)
-    job_id, deployment = started["id"], "mls-kubelet-pod-1"
-    assert started["image"].startswith(f"{control_plane.registry}/ml/kubelet-pod@sha256:")
+    ref = ProjectRef("kubelet", "pod")
+    job_id, deployment = started["id"], ref.name("1")
+    assert started["image"].startswith(f"{control_plane.registry}/ml/{ref.slug}@sha256:")
     rendered = _pods(core, job_id)[0].spec
 
     t0 = time.monotonic()

@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from mlserve.kube.render import ProjectRef
 from tests.harness import EXAMPLES, make_mlserve, teardown_mlserve
 
 NAMESPACE = "models"  # the restricted user may use this one only
@@ -36,6 +37,19 @@ def kube(control_plane, docker_client):
     yield ms
     ms("stop", "--all", "--cluster", "prod", check=False)
     teardown_mlserve(ms, docker_client)
+
+
+def _ref(project: str) -> ProjectRef:
+    return ProjectRef("kuber", project)
+
+
+def _name(project: str, suffix: str = "") -> str:
+    """An object's name as mlserve gives it (the project's slug ends with a hash of its key)."""
+    return _ref(project).name(suffix)
+
+
+def _selector(project: str) -> str:
+    return f"mlserve.io/project={_ref(project).slug}"
 
 
 def _api(control_plane, path: str, method: str = "GET", body: object = None) -> requests.Response:
@@ -149,16 +163,16 @@ def test_a_cluster_that_does_not_exist(kube):
 
 def test_run_scale_canary_traffic_and_stop(kube, control_plane, tmp_path):
     project = _project(tmp_path, "hello")
-    selector = "mlserve.io/project=kuber-hello"
+    selector = _selector("hello")
     # Something of the user's own in the namespace: never touched by mlserve.
     _api(control_plane, KINDS["configmaps"], "POST",
-         {"metadata": {"name": "users-own", "labels": {"mlserve.io/project": "kuber-hello"}}, "data": {"a": "b"}})
+         {"metadata": {"name": "users-own", "labels": {"mlserve.io/project": _ref("hello").slug}}, "data": {"a": "b"}})
 
     started = kube.json("run", "--mode", "serve", "--cluster", "prod", cwd=project)
     assert started["version"] == 1 and started["runtime"] == "kubernetes" and started["cluster"] == "prod"
     assert started["endpoint"] == f"{URL}/serve/{started['id']}"
     assert started["project_endpoint"] == f"{URL}/serve/kuber/projects/hello"
-    assert started["image"].startswith(f"{control_plane.registry}/ml/kuber-hello@sha256:")
+    assert started["image"].startswith(f"{control_plane.registry}/ml/{_ref('hello').slug}@sha256:")
     # The image is really in the registry, by the digest the pods run.
     name, digest = started["image"].split("/", 1)[1].split("@")
     manifest = requests.get(f"http://{control_plane.registry}/v2/{name}/manifests/{digest}", timeout=10,
@@ -166,11 +180,11 @@ def test_run_scale_canary_traffic_and_stop(kube, control_plane, tmp_path):
     assert manifest.status_code == 200
 
     objects = _everything(control_plane, "app.kubernetes.io/managed-by=mlserve," + selector)
-    assert objects["deployments"] == {"mls-kuber-hello-1"}
-    assert objects["services"] == {"mls-kuber-hello-1", "mls-kuber-hello-primary", "mls-kuber-hello-v1"}
-    assert objects["configmaps"] == {"mls-kuber-hello", "mls-kuber-hello-1"}
-    assert objects["ingresses"] == {"mls-kuber-hello", "mls-kuber-hello-direct"}
-    assert objects["networkpolicies"] == {"mls-kuber-hello"}
+    assert objects["deployments"] == {_name("hello", "1")}
+    assert objects["services"] == {_name("hello", "1"), _name("hello", "primary"), _name("hello", "v1")}
+    assert objects["configmaps"] == {_name("hello"), _name("hello", "1")}
+    assert objects["ingresses"] == {_name("hello"), _name("hello", "direct")}
+    assert objects["networkpolicies"] == {_name("hello", "v1")}
     [deployment] = _objects(control_plane, KINDS["deployments"], "mlserve.io/job=" + started["id"])
     assert deployment["status"]["readyReplicas"] == 1
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == started["image"]
@@ -182,15 +196,15 @@ def test_run_scale_canary_traffic_and_stop(kube, control_plane, tmp_path):
     assert scaled.stdout.count("  ready  ") == 3, scaled.stdout
     jobs = kube.json("status", "--cluster", "prod")
     assert len(jobs) == 3 and all(j["ready"] for j in jobs)
-    direct = _ingress(control_plane, "mls-kuber-hello-direct")
+    direct = _ingress(control_plane, _name("hello", "direct"))
     paths = {p["path"] for p in direct["spec"]["rules"][0]["http"]["paths"]}
     assert {f"/serve/{j['id']}" for j in jobs} | {"/serve/kuber/projects/hello/v/1"} == paths
 
     canary = kube.json("run", "--mode", "serve", "--cluster", "prod", "--canary", "10", cwd=project)
     assert canary["version"] == 2
-    assert _backend(_ingress(control_plane, "mls-kuber-hello")) == "mls-kuber-hello-v1"
-    weighted = _ingress(control_plane, "mls-kuber-hello-canary")
-    assert _backend(weighted) == "mls-kuber-hello-v2"
+    assert _backend(_ingress(control_plane, _name("hello"))) == _name("hello", "v1")
+    weighted = _ingress(control_plane, _name("hello", "canary"))
+    assert _backend(weighted) == _name("hello", "v2")
     assert weighted["metadata"]["annotations"]["nginx.ingress.kubernetes.io/canary-weight"] == "10"
     rows = kube.json("traffic", "--cluster", "prod", cwd=project)
     assert {r["version"]: r["percent"] for r in rows} == {1: 90, 2: 10}
@@ -199,26 +213,26 @@ def test_run_scale_canary_traffic_and_stop(kube, control_plane, tmp_path):
     assert versions[1]["image"] == canary["image"] and versions[1]["endpoint"] == f"{URL}/serve/kuber/projects/hello/v/2"
 
     kube("traffic", "--cluster", "prod", "--to", "1=40", "--to", "2=60", cwd=project)
-    assert _backend(_ingress(control_plane, "mls-kuber-hello")) == "mls-kuber-hello-v2"
-    assert _ingress(control_plane, "mls-kuber-hello-canary")["metadata"]["annotations"][
+    assert _backend(_ingress(control_plane, _name("hello"))) == _name("hello", "v2")
+    assert _ingress(control_plane, _name("hello", "canary"))["metadata"]["annotations"][
         "nginx.ingress.kubernetes.io/canary-weight"] == "40"
     refused = kube("traffic", "--cluster", "prod", "--sticky", cwd=project, check=False)
     assert refused.returncode == 2 and "not available on a cluster" in refused.stderr
     kube("traffic", "--cluster", "prod", "--to-latest", cwd=project)
-    assert _ingress(control_plane, "mls-kuber-hello-canary") is None
-    assert _backend(_ingress(control_plane, "mls-kuber-hello")) == "mls-kuber-hello-v2"
+    assert _ingress(control_plane, _name("hello", "canary")) is None
+    assert _backend(_ingress(control_plane, _name("hello"))) == _name("hello", "v2")
 
     # Logs come through the API server from the node's kubelet; a hollow node has none to give, and
     # the command says so in a line (a real kubelet's log is not shown here: see the closing note).
     logs = kube("logs", "1", "--cluster", "prod", cwd=project, check=False)
-    assert logs.returncode != 0 and "read the log of pod mls-kuber-hello-1-" in logs.stderr, logs.stderr
+    assert logs.returncode != 0 and f"read the log of pod {_name('hello', '1')}-" in logs.stderr, logs.stderr
     assert "Traceback" not in logs.stderr
     missing = kube("logs", "99", "--cluster", "prod", cwd=project, check=False)
     assert missing.returncode != 0 and "no job kuber/projects/hello/99 on cluster prod" in missing.stderr
 
     kube("stop", "hello/1", "--cluster", "prod", cwd=project)
-    assert "mls-kuber-hello-1" not in _names(control_plane, KINDS["deployments"], selector)
-    assert "mls-kuber-hello-1" not in _names(control_plane, KINDS["services"], selector)
+    assert _name("hello", "1") not in _names(control_plane, KINDS["deployments"], selector)
+    assert _name("hello", "1") not in _names(control_plane, KINDS["services"], selector)
     assert len(kube.json("status", "--cluster", "prod")) == 3
 
     kube("stop", "--project", "hello", "--cluster", "prod", cwd=project)
@@ -228,15 +242,15 @@ def test_run_scale_canary_traffic_and_stop(kube, control_plane, tmp_path):
 
 def test_replace_and_fallback(kube, control_plane, tmp_path):
     project = _project(tmp_path, "swap")
-    selector = "mlserve.io/project=kuber-swap"
+    selector = _selector("swap")
     kube("run", "--mode", "serve", "--cluster", "prod", cwd=project)
     kube("scale", "2", "--cluster", "prod", cwd=project)
     fallback = kube.json("run", "--mode", "serve", "--cluster", "prod", "--fallback", cwd=project)
     assert fallback["version"] == 2
-    main = _ingress(control_plane, "mls-kuber-swap")
-    assert main["metadata"]["annotations"]["nginx.ingress.kubernetes.io/default-backend"] == "mls-kuber-swap-fallback"
-    assert _backend(main) == "mls-kuber-swap-primary"
-    service = _api(control_plane, f"{KINDS['services']}/mls-kuber-swap-fallback").json()
+    main = _ingress(control_plane, _name("swap"))
+    assert main["metadata"]["annotations"]["nginx.ingress.kubernetes.io/default-backend"] == _name("swap", "fallback")
+    assert _backend(main) == _name("swap", "primary")
+    service = _api(control_plane, f"{KINDS['services']}/{_name('swap', 'fallback')}").json()
     assert service["spec"]["selector"]["mlserve.io/role"] == "fallback"
 
     replaced = kube.json("run", "--mode", "serve", "--cluster", "prod", "--replace", cwd=project)
@@ -245,7 +259,7 @@ def test_replace_and_fallback(kube, control_plane, tmp_path):
     jobs = kube.json("status", "--cluster", "prod")
     assert sorted((j["version"], j["fallback"]) for j in jobs) == [(2, True), (3, False), (3, False)]
     assert _names(control_plane, KINDS["deployments"], selector) == {
-        "mls-kuber-swap-3", "mls-kuber-swap-4", "mls-kuber-swap-5"}
+        _name("swap", "3"), _name("swap", "4"), _name("swap", "5")}
     kube("stop", "--project", "swap", "--cluster", "prod")
 
 
@@ -254,14 +268,14 @@ def test_secrets_become_a_kubernetes_secret(kube, control_plane, tmp_path):
     subprocess.run([sys.executable, "-m", "mlserve", "secret", "set", "API_KEY", "--project", "secretive"],
                    input="s3cr3t", text=True, env=kube.env, check=True, capture_output=True)
     kube("run", "--mode", "serve", "--cluster", "prod", cwd=project)
-    secret = _api(control_plane, f"{KINDS['secrets']}/mls-kuber-secretive-secrets").json()
+    secret = _api(control_plane, f"{KINDS['secrets']}/{_name('secretive', 'secrets')}").json()
     assert base64.b64decode(secret["data"]["API_KEY"]) == b"s3cr3t"
-    [deployment] = _objects(control_plane, KINDS["deployments"], "mlserve.io/project=kuber-secretive")
+    [deployment] = _objects(control_plane, KINDS["deployments"], _selector("secretive"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["envFrom"] == [{"secretRef": {"name": "mls-kuber-secretive-secrets", "optional": True}}]
+    assert container["envFrom"] == [{"secretRef": {"name": _name("secretive", "secrets"), "optional": True}}]
     assert "s3cr3t" not in json.dumps(deployment)  # only the Secret holds the value
     kube("stop", "--project", "secretive", "--cluster", "prod")
-    assert _everything(control_plane, "mlserve.io/project=kuber-secretive") == {k: set() for k in KINDS}
+    assert _everything(control_plane, _selector("secretive")) == {k: set() for k in KINDS}
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -272,17 +286,17 @@ def test_a_rollout_that_never_becomes_ready_is_rolled_back(kube, control_plane, 
     removes what it applied; a serving project is left exactly as it was."""
     project = _project(tmp_path, "pending")
     kube("run", "--mode", "serve", "--cluster", "prod", cwd=project)
-    before = _everything(control_plane, "mlserve.io/project=kuber-pending")
-    record = _api(control_plane, f"{KINDS['configmaps']}/mls-kuber-pending").json()["data"]["record"]
-    ingress = _ingress(control_plane, "mls-kuber-pending")
+    before = _everything(control_plane, _selector("pending"))
+    record = _api(control_plane, f"{KINDS['configmaps']}/{_name('pending')}").json()["data"]["record"]
+    ingress = _ingress(control_plane, _name("pending"))
 
     failed = kube("run", "--mode", "serve", "--cluster", "prod", "--canary", "50", "--data", "pvc/missing:input",
                   cwd=project, check=False, env={"MLSERVE_CLUSTER_WAIT_S": "10"})
     assert failed.returncode != 0
     assert "not ready after 10 s" in failed.stderr and "missing" in failed.stderr, failed.stderr
-    assert _everything(control_plane, "mlserve.io/project=kuber-pending") == before
-    assert _api(control_plane, f"{KINDS['configmaps']}/mls-kuber-pending").json()["data"]["record"] == record
-    assert _ingress(control_plane, "mls-kuber-pending")["spec"] == ingress["spec"]
+    assert _everything(control_plane, _selector("pending")) == before
+    assert _api(control_plane, f"{KINDS['configmaps']}/{_name('pending')}").json()["data"]["record"] == record
+    assert _ingress(control_plane, _name("pending"))["spec"] == ingress["spec"]
     assert [j["ready"] for j in kube.json("status", "--cluster", "prod")] == [True]
 
     # A project's first run that fails leaves nothing at all.
@@ -290,7 +304,7 @@ def test_a_rollout_that_never_becomes_ready_is_rolled_back(kube, control_plane, 
     failed = kube("run", "--mode", "serve", "--cluster", "prod", "--data", "pvc/missing:input", cwd=fresh,
                   check=False, env={"MLSERVE_CLUSTER_WAIT_S": "5"})
     assert failed.returncode != 0 and "not ready" in failed.stderr
-    assert _everything(control_plane, "mlserve.io/project=kuber-neverready") == {k: set() for k in KINDS}
+    assert _everything(control_plane, _selector("neverready")) == {k: set() for k in KINDS}
     kube("stop", "--project", "pending", "--cluster", "prod")
 
 
@@ -303,7 +317,7 @@ def test_a_registry_that_refuses_the_push(kube, control_plane, tmp_path):
     project = _project(tmp_path, "unpushed")
     failed = kube("run", "--mode", "serve", "--cluster", "noreg", cwd=project, check=False)
     assert failed.returncode != 0 and f"127.0.0.1:{port}" in failed.stderr, failed.stderr
-    assert _everything(control_plane, "mlserve.io/project=kuber-unpushed") == {k: set() for k in KINDS}
+    assert _everything(control_plane, _selector("unpushed")) == {k: set() for k in KINDS}
     kube("cluster", "remove", "noreg")
 
 
@@ -320,21 +334,30 @@ def test_bad_input_on_a_cluster_changes_nothing(kube, control_plane, tmp_path):
     (project / "mlserve.yml").write_text("project: refused\n")  # no access: public
     result = kube("run", "--mode", "serve", "--cluster", "prod", cwd=project, check=False)
     assert result.returncode == 2 and "--access public" in result.stderr
-    assert _everything(control_plane, "mlserve.io/project=kuber-refused") == {k: set() for k in KINDS}
+    assert _everything(control_plane, _selector("refused")) == {k: set() for k in KINDS}
     result = kube("scale", "2", "--project", "refused", "--cluster", "prod", check=False)
     assert result.returncode != 0 and "no project kuber/projects/refused" in result.stderr
 
 
 def test_cluster_from_mlserve_yml_and_remove_refused_while_jobs_run(kube, control_plane, tmp_path):
+    """mlserve.yml (maybe a cloned repository's) may name a cluster, but never publishes there alone,
+    never makes `stop --all` reach it, and `--cluster ''` keeps a command on this machine."""
     project = _project(tmp_path, "configured")
     (project / "mlserve.yml").write_text("project: configured\naccess: public\ncluster: prod\n")
-    started = kube.json("run", "--mode", "serve", cwd=project)
+    refused = kube("run", "--mode", "serve", cwd=project, check=False)
+    assert refused.returncode == 2 and "sends kuber/projects/configured to cluster prod" in refused.stderr
+    assert _everything(control_plane, _selector("configured")) == {k: set() for k in KINDS}
+    started = kube.json("run", "--mode", "serve", "--access", "public", cwd=project)
     assert started["cluster"] == "prod"
     result = kube("cluster", "remove", "prod", check=False)
     assert result.returncode == 2 and "still run on cluster prod" in result.stderr
     assert [j["job"] for j in kube.json("status", cwd=project)] == ["kuber/projects/configured/1"]
+    assert kube.json("status", "--cluster", "", cwd=project) == []  # this machine's jobs: none
+    everything = kube("stop", "--all", cwd=project, check=False)
+    assert everything.returncode == 2 and "needs it named" in everything.stderr
+    assert len(kube.json("status", cwd=project)) == 1
     kube("stop", "--project", "configured", cwd=project)
-    assert _everything(control_plane, "mlserve.io/project=kuber-configured") == {k: set() for k in KINDS}
+    assert _everything(control_plane, _selector("configured")) == {k: set() for k in KINDS}
 
 
 # -- the pod's container, really serving -----------------------------------------------------------

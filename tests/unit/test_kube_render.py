@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -40,8 +41,8 @@ CASES = {
     "job-config": lambda: render.job_config(REF, JOB, SPEC, URLS),
     "version-service": lambda: render.version_service(REF, 3),
     "primary-service": lambda: render.role_service(REF, "primary"),
-    "network-isolated": lambda: render.network_policy(REF, "isolated"),
-    "network-none": lambda: render.network_policy(REF, "none"),
+    "network-isolated": lambda: render.network_policy(REF, 3, "isolated"),
+    "network-none": lambda: render.network_policy(REF, 3, "none"),
     "secret": lambda: render.secret(REF, {"API_KEY": "s3cr3t", "B": "two"}),
     "record": lambda: render.project_record(REF, {"last_job": 4}),
     "ingresses": lambda: render.ingresses(REF, ROUTES, "models.example.com", "nginx", 100, 60),
@@ -106,35 +107,45 @@ def test_uwsgi_answers_http_and_the_probes_keep_to_the_socket() -> None:
 
 
 def test_names_are_dns_labels_and_never_collide() -> None:
-    assert ProjectRef("alice", "hello").slug == "alice-hello"
+    assert re.fullmatch(r"alice-hello-[0-9a-f]{6}", ProjectRef("alice", "hello").slug)
     underscored, dashed = ProjectRef("a_b", "c").slug, ProjectRef("a-b", "c").slug
     assert underscored != dashed and underscored.startswith("a-b-c-")
-    long = ProjectRef("o" * 63, "p" * 63)
-    assert len(long.name("fallback")) <= 63 and long.slug != ProjectRef("o" * 63, "p" * 62).slug
+    assert ProjectRef("a-b", "c").slug != ProjectRef("a", "b-c").slug
+    # No project's name is another's object name with a suffix: job 1 of `model` is not `model-1`.
+    assert ClusterJob("a" * 22, 1, 1).name(ProjectRef("alice", "model")) != ProjectRef("alice", "model-1").name()
+    assert ProjectRef("alice", "hello").name("canary") != ProjectRef("alice", "hello-canary").name()
+    for ref in (ProjectRef("o" * 63, "p" * 63), ProjectRef("alice", "hello-"), ProjectRef("_a", "b_")):
+        assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", ref.name("fallback")), ref.name("fallback")
 
 
 def test_no_open_network_needs_no_policy() -> None:
-    assert render.network_policy(REF, "open") is None
-    assert render.network_policy(REF, "none")["spec"]["egress"] == []
+    assert render.network_policy(REF, 3, "open") is None
+    policy = render.network_policy(REF, 3, "none")
+    assert policy["spec"]["egress"] == [] and policy["spec"]["podSelector"]["matchLabels"]["mlserve.io/version"] == "3"
 
 
 @pytest.mark.parametrize(("shares", "main", "canary", "weight"), [
-    (None, "mls-alice-hello-primary", None, 0),
-    ({3: 100}, "mls-alice-hello-v3", None, 0),
-    ({3: 90, 4: 10}, "mls-alice-hello-v3", "mls-alice-hello-v4", 10),
-    ({3: 30, 4: 70}, "mls-alice-hello-v4", "mls-alice-hello-v3", 30),
-    ({3: 50, 4: 50, 5: 0}, "mls-alice-hello-v3", "mls-alice-hello-v4", 50),
+    (None, "primary", None, 0),
+    ({3: 100}, "v3", None, 0),
+    ({3: 90, 4: 10}, "v3", "v4", 10),
+    ({3: 30, 4: 70}, "v4", "v3", 30),
+    ({3: 50, 4: 50, 5: 0}, "v3", "v4", 50),
+    # As on one machine: a share of a version without a job goes to the others...
+    ({3: 90, 6: 10}, "v3", None, 0),
+    # ... and when no version with a share has a job, every primary job takes equal turns.
+    ({6: 100}, "primary", None, 0),
 ])
 def test_route_plans(shares, main, canary, weight) -> None:
     jobs = [ClusterJob("a" * 22, 1, 3), ClusterJob("b" * 22, 2, 4), ClusterJob("c" * 22, 3, 5, fallback=True)]
-    routes = plan_routes(REF, Traffic(shares), jobs)
-    assert (routes.main, routes.canary, routes.weight) == (main, canary, weight)
-    assert routes.fallback == "mls-alice-hello-fallback" and routes.versions == (3, 4, 5)
+    routes = plan_routes(REF, Traffic(shares), jobs, [1, 3, 4, 5, 6])
+    assert (routes.main, routes.canary, routes.weight) == (REF.name(main), canary and REF.name(canary), weight)
+    assert routes.fallback == REF.name("fallback")
+    assert routes.versions == (1, 3, 4, 5, 6)  # every version keeps its endpoint, with or without a job
 
 
 def test_three_shared_versions_are_refused_not_silently_ignored() -> None:
     with pytest.raises(UsageError, match="two versions at most"):
-        plan_routes(REF, Traffic({3: 80, 4: 10, 5: 10}), [])
+        plan_routes(REF, Traffic({3: 80, 4: 10, 5: 10}), [], [3, 4, 5])
 
 
 @pytest.mark.parametrize("text", ["./models:input", "/data:input", "pvc/Bad_Name:input", "pvc/models:/tmp",

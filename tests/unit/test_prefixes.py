@@ -143,3 +143,17 @@ def test_on_a_cluster_a_client_cannot_name_a_token(wsgi):
     local = wsgi.Instance(LoadedApp(app, "function", False), None, "GET")
     _call(local, {"SCRIPT_NAME": JOB, "PATH_INFO": "/x", "HTTP_X_MLSERVE_TOKEN": "ci"})
     assert seen == [None, "ci"]
+
+
+def test_on_a_cluster_the_app_cannot_steer_the_proxy(wsgi):
+    """ingress-nginx acts on X-Accel-* from a backend; the local gateway ignores them: on a cluster
+    the instance drops them (and mlserve's own X-Mlserve-* names) from every answer."""
+    def app(environ: dict, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("X-Accel-Redirect", "/serve/other/projects/secret"), ("Content-Type", "text/plain"),
+                                  ("X-Mlserve-Version", "99"), ("x-accel-buffering", "no")])
+        return [b"ok"]
+
+    seen: list[list[tuple[str, str]]] = []
+    on_cluster = wsgi.Instance(LoadedApp(app, "function", False), None, "GET", (JOB,))
+    on_cluster({"PATH_INFO": f"{JOB}/x"}, lambda status, headers, exc_info=None: seen.append(headers))
+    assert seen == [[("Content-Type", "text/plain")]]
